@@ -1,0 +1,3 @@
+from clinbundle.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The one command line: `clinbundle <command>`.
+
+User errors (`ClinbundleError`) print one message and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from clinbundle.errors import ClinbundleError
+
+
+def _workdir(args: argparse.Namespace) -> Path:
+    return Path(args.workdir).resolve()
+
+
+def _keep_inside(workdir: Path) -> None:
+    """Caches and temp files of the libraries go into the work dir, not the user's home."""
+    for var, sub in (("MLFLOW_ENV_ROOT", "cache/mlflow-envs"), ("BENTOML_HOME", "bentoml")):
+        os.environ.setdefault(var, str(workdir / sub))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from clinbundle.training.synth import write_dataset
+
+    path = write_dataset(
+        Path(args.out), n=args.n, shape=tuple(args.shape), seed=args.seed, n_test=args.n_test
+    )
+    print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from clinbundle.training.run import run_training
+
+    wd = _workdir(args)
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.insert(0, f"data.root={Path(args.data).resolve()}")
+    state = run_training(wd, Path(args.config) if args.config else None, overrides)
+    print(f"run {state.extra.get('run_id')}: best {state.best}")
+    if "model_version" in state.extra:
+        print(f"models:/{state.config.tracking.model_name}/{state.extra['model_version']}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from clinbundle.registry import promote
+    from clinbundle.tracking import configure_tracking
+
+    configure_tracking(_workdir(args))
+    d = promote(args.model, Path(args.data), args.metric, args.minimum, args.min_improvement)
+    print(d.reason)
+    print(f"decision: {'promoted' if d.promoted else 'not promoted'}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from clinbundle.quickstart import run_quickstart
+
+    uri = run_quickstart(_workdir(args), args.set, min_dice=args.min_dice)
+    print(uri)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from clinbundle.training.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(Path(args.config) if args.config else None, args.set)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clinbundle", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workdir", default=".", help="where data, MLflow store and runs go")
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML file merged over the defaults")
+        sp.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=5"
+        )
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="write the synthetic 3D vessel data set (MSD layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=16, help="training volumes")
+    s.add_argument("--n-test", type=int, default=4, help="held-out volumes with labels")
+    s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("D", "H", "W"))
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="train on an MSD-style folder, log and register in MLflow")
+    t.add_argument("--data", help="MSD-style folder (or set data.root)")
+    common(t)
+    overrides(t)
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("promote", help="move @champion to @challenger if it scores better")
+    pr.add_argument("--model", required=True, help="registered model name")
+    pr.add_argument("--data", required=True, help="MSD folder whose 'test' pairs are held out")
+    pr.add_argument("--metric", default="dice")
+    pr.add_argument("--minimum", type=float, default=0.5, help="first champion needs this")
+    pr.add_argument("--min-improvement", type=float, default=0.0)
+    common(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    q = sub.add_parser("quickstart", help="synthetic data -> train -> register -> champion")
+    q.add_argument("--min-dice", type=float, default=0.7, help="held-out Dice to become champion")
+    common(q)
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override")
+    q.set_defaults(func=cmd_quickstart)
+
+    c = sub.add_parser("config", help="print the resolved training config")
+    overrides(c)
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow.store", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if hasattr(args, "workdir"):
+        _keep_inside(_workdir(args))
+    try:
+        return args.func(args)
+    except ClinbundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

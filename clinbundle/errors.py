@@ -1,0 +1,46 @@
+"""User-facing errors.
+
+Every error a user can cause (bad data, bad config, bad model URI) is a `ClinbundleError`: the CLI
+prints its message without a traceback and exits with `exit_code`. Messages say what was wrong
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class ClinbundleError(Exception):
+    """An error caused by input the user can fix."""
+
+    exit_code = 2
+
+
+class ConfigError(ClinbundleError):
+    """The configuration or a command-line override is invalid."""
+
+
+class DataError(ClinbundleError):
+    """The data folder is missing, empty or inconsistent."""
+
+    def __init__(self, problems: list[str] | str, hint: str = "") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = [f"{len(self.problems)} problem(s) with the data:"]
+        lines += [f"  - {p}" for p in self.problems]
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class InputError(ClinbundleError, ValueError):
+    """A volume given for inference has the wrong shape, dtype or values."""
+
+
+class TrackingError(ClinbundleError):
+    """The MLflow tracking server or registry cannot be used."""
+
+
+class ModelResolutionError(ClinbundleError):
+    """A model URI does not resolve to a registered model with an inference contract."""
+
+
+class DeviceError(ClinbundleError):
+    """A device was asked for explicitly and is not available."""

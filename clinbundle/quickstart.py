@@ -1,0 +1,68 @@
+"""`clinbundle quickstart`: synthetic data -> trained DynUNet -> registered -> champion.
+
+Everything lands in the work dir (data, MLflow store, run files), so a second command run in the
+same folder (or with the same MLFLOW_TRACKING_URI) finds the same registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+from clinbundle.errors import ClinbundleError
+from clinbundle.registry import promote
+from clinbundle.tracking import configure_tracking
+
+log = logging.getLogger("clinbundle.quickstart")
+
+#: Synthetic data of the quickstart: 16 training and 4 held-out volumes of 64^3.
+SYNTH = {"n": 16, "shape": (64, 64, 64), "seed": 0, "n_test": 4}
+
+
+def quickstart_config_path() -> Path:
+    return Path(str(resources.files("clinbundle").joinpath("configs/quickstart.yaml")))
+
+
+def run_quickstart(
+    workdir: Path,
+    overrides: list[str] | None = None,
+    min_dice: float = 0.7,
+    synth: dict | None = None,
+) -> str:
+    from clinbundle.training.run import run_training
+    from clinbundle.training.synth import write_dataset
+
+    synth = SYNTH | (synth or {})
+    data = workdir / "data" / "synthetic-vessels"
+    meta = data / "dataset.json"
+    current = json.loads(meta.read_text()).get("synth") if meta.exists() else None
+    if (
+        current is None
+        or current.get("seed") != synth["seed"]
+        or current.get("shape") != list(synth["shape"])
+        or len(json.loads(meta.read_text())["training"]) != synth["n"]
+    ):
+        log.info("writing synthetic data to %s", data)
+        write_dataset(data, **synth)
+    configure_tracking(workdir)
+    state = run_training(
+        workdir,
+        config_path=quickstart_config_path(),
+        overrides=[f"data.root={data}", *(overrides or [])],
+    )
+    name = state.config.tracking.model_name
+    decision = promote(name, data, metric="dice", minimum=min_dice)
+    ch = decision.challenger
+    print(
+        f"held-out Dice of version {ch.version}: {ch.mean:.3f} "
+        f"(95% CI {ch.ci95[0]:.3f}..{ch.ci95[1]:.3f}, {len(ch.per_volume)} volumes)"
+    )
+    print(decision.reason)
+    if not decision.promoted:
+        raise ClinbundleError(
+            f"the quickstart model did not become champion: {decision.reason}. "
+            "Train longer (--set train.epochs=...) and run quickstart again."
+        )
+    return f"models:/{name}@champion"

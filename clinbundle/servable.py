@@ -1,0 +1,84 @@
+"""Log a trained network as an MLflow pyfunc model that carries its inference contract.
+
+The model takes raw float32 intensities (N, C_in, D, H, W) and returns float32 probabilities
+(N, classes, D, H, W); the tensor signature lets MLflow reject other dtypes and channel counts
+before the model runs. The contract goes into the model's metadata (and as contract.json), which
+is what packaging reads for every later format.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import Schema, TensorSpec
+
+import clinbundle
+from clinbundle.contract import InferenceContract
+
+#: Modules the pyfunc needs at load time; logged as code so the model is self-contained.
+RUNTIME_MODULES = ("__init__.py", "contract.py", "errors.py", "inference.py", "networks.py")
+PYFUNC_CODE = Path(clinbundle.__file__).parent / "pyfunc_model.py"
+
+
+def signature(contract: InferenceContract) -> ModelSignature:
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, contract.in_channels, -1, -1, -1))]),
+        outputs=Schema([TensorSpec(f32, (-1, contract.num_classes, -1, -1, -1))]),
+    )
+
+
+def input_example(contract: InferenceContract) -> np.ndarray:
+    """A small raw volume whose shape is deliberately not a multiple of the roi."""
+    shape = (1, contract.in_channels, *(s // 2 + 3 for s in contract.roi_size))
+    return np.random.default_rng(0).normal(100.0, 40.0, shape).astype(np.float32)
+
+
+def pinned_requirements() -> list[str]:
+    return [f"{d}=={md.version(d)}" for d in ("mlflow", "torch", "monai", "numpy", "pydantic")]
+
+
+def log_segmentation_model(
+    weights: Path | dict[str, torch.Tensor],
+    contract: InferenceContract,
+    name: str = "model",
+    metadata: dict | None = None,
+) -> ModelInfo:
+    """Log weights (a state_dict or a checkpoint file holding one) as a pyfunc in the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if isinstance(weights, Path):
+            blob = torch.load(weights, map_location="cpu", weights_only=False)
+            weights = blob.get("model", blob)
+        torch.save(weights, tmp_path / "weights.pt")
+        (tmp_path / "contract.json").write_text(contract.to_json())
+        code = tmp_path / "code" / "clinbundle"
+        code.mkdir(parents=True)
+        for mod in RUNTIME_MODULES:
+            shutil.copy(Path(clinbundle.__file__).parent / mod, code / mod)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_CODE),
+            artifacts={
+                "weights": str(tmp_path / "weights.pt"),
+                "contract": str(tmp_path / "contract.json"),
+            },
+            code_paths=[str(code)],
+            signature=signature(contract),
+            input_example=input_example(contract),
+            pip_requirements=pinned_requirements(),
+            model_config={"device": "auto", "sw_batch_size": contract.sw_batch_size},
+            metadata={
+                "inference_contract": contract.model_dump(mode="json"),
+                "clinbundle_version": clinbundle.__version__,
+                **(metadata or {}),
+            },
+        )

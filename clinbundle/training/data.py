@@ -1,0 +1,235 @@
+"""MSD-style data sets: reading, validation before training, k-fold splits and transforms.
+
+A data set is a folder with `dataset.json` (the Medical Segmentation Decathlon layout):
+`training` lists {image, label} pairs (usually imagesTr/ and labelsTr/), `labels` names the
+classes, and an optional `test` list of {image, label} pairs is the held-out set used to compare
+models at promotion time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.data import partition_dataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+)
+
+from clinbundle.contract import Normalization
+from clinbundle.errors import DataError
+from clinbundle.inference import normalize
+
+Item = dict[str, str]
+
+
+@dataclass
+class Dataset:
+    root: Path
+    labels: dict[str, str]
+    training: list[Item]
+    test: list[Item]
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    spacings: list[tuple[float, ...]] = field(default_factory=list)
+    sha256: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def min_shape(self) -> tuple[int, int, int]:
+        return tuple(int(x) for x in np.min(np.array(self.shapes), axis=0))  # type: ignore[return-value]
+
+    @property
+    def total_voxels(self) -> int:
+        return int(sum(np.prod(s) for s in self.shapes))
+
+
+def _resolve(root: Path, entry: str) -> str:
+    return str((root / entry).resolve())
+
+
+def _item(root: Path, entry: dict) -> Item:
+    """An image/label pair plus a case name (the image file name without .nii/.nii.gz)."""
+    image = _resolve(root, entry["image"])
+    case = Path(image).name.removesuffix(".gz").removesuffix(".nii")
+    return {"image": image, "label": _resolve(root, entry["label"]), "case": case}
+
+
+def read_dataset(root: Path | str | None) -> Dataset:
+    """Read dataset.json; a missing or empty folder is one clear error, not a stack trace."""
+    if root is None:
+        raise DataError("no data folder given", "Pass --data DIR (an MSD-style folder).")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"data folder {root} does not exist",
+            "Create one with `clinbundle data synth --out DIR` or point --data at your data.",
+        )
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        what = "is empty" if not any(root.iterdir()) else "has no dataset.json"
+        raise DataError(
+            f"data folder {root} {what}",
+            "An MSD-style folder needs imagesTr/, labelsTr/ and a dataset.json listing the pairs.",
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path} is not valid JSON: {e}") from None
+    problems = []
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or len(labels) < 2:
+        problems.append(f"{meta_path}: 'labels' must map '0'..'K' to names, got {labels!r}")
+        labels = {}
+    training = meta.get("training") or []
+    if not training:
+        problems.append(f"{meta_path}: 'training' lists no image/label pairs")
+    pairs: list[Item] = []
+    for i, t in enumerate(training):
+        if not isinstance(t, dict) or "image" not in t or "label" not in t:
+            problems.append(f"{meta_path}: training[{i}] needs 'image' and 'label', got {t!r}")
+            continue
+        pairs.append(_item(root, t))
+    test = [_item(root, t) for t in meta.get("test") or [] if isinstance(t, dict) and "label" in t]
+    for item in pairs + test:
+        for key in ("image", "label"):
+            if not Path(item[key]).is_file():
+                problems.append(f"{item[key]}: listed in dataset.json but missing")
+    if problems:
+        raise DataError(problems)
+    return Dataset(
+        root=root, labels={str(k): v for k, v in labels.items()}, training=pairs, test=test
+    )
+
+
+def _load(path: str, what: str, problems: list[str]) -> nib.Nifti1Image | None:
+    try:
+        img = nib.load(path)
+        img.get_fdata(dtype=np.float32)  # forces a read, so truncated files fail here
+        return img
+    except Exception as e:
+        problems.append(f"{path}: cannot read the {what} ({type(e).__name__}: {e})")
+        return None
+
+
+def validate_dataset(ds: Dataset, items: list[Item] | None = None) -> Dataset:
+    """Check every pair before any training starts and report all problems at once.
+
+    Checks: readable files, 3-D, image/label shapes and affines equal, finite intensities, labels
+    integral and inside 0..K-1. Fills `shapes`, `spacings` and a content hash of the data set.
+    """
+    problems: list[str] = []
+    digest = hashlib.sha256()
+    shapes, spacings = [], []
+    for item in items if items is not None else ds.training + ds.test:
+        for key in ("image", "label"):
+            digest.update(Path(item[key]).name.encode())
+            digest.update(hashlib.sha256(Path(item[key]).read_bytes()).digest())
+        img = _load(item["image"], "image", problems)
+        lab = _load(item["label"], "label", problems)
+        if img is None or lab is None:
+            continue
+        name = Path(item["image"]).name
+        if len(img.shape) != 3:
+            problems.append(f"{name}: image must be 3-D, has shape {img.shape}")
+            continue
+        if img.shape != lab.shape:
+            problems.append(f"{name}: image shape {img.shape} != label shape {lab.shape}")
+            continue
+        if not np.allclose(img.affine, lab.affine, atol=1e-3):
+            problems.append(f"{name}: image and label affines differ")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if not np.isfinite(data).all():
+            problems.append(f"{name}: image holds NaN or Inf values")
+        labels = np.asarray(lab.dataobj)
+        values = np.unique(labels)
+        if not np.allclose(values, np.round(values)):
+            problems.append(f"{Path(item['label']).name}: label values are not integers")
+        bad = [v.item() for v in values if not 0 <= v < ds.num_classes]
+        if bad:
+            problems.append(
+                f"{Path(item['label']).name}: label values {bad[:5]} outside 0..{ds.num_classes - 1}"
+                f" (dataset.json names {ds.num_classes} classes)"
+            )
+        shapes.append(tuple(int(s) for s in img.shape))
+        spacings.append(tuple(float(s) for s in img.header.get_zooms()[:3]))
+    if problems:
+        raise DataError(problems, f"Fix the files above in {ds.root} and run again.")
+    ds.shapes, ds.spacings, ds.sha256 = shapes, spacings, digest.hexdigest()
+    return ds
+
+
+def check_patch_fits(ds: Dataset, patch: tuple[int, int, int]) -> None:
+    small = [
+        f"{Path(it['image']).name} has shape {s}"
+        for it, s in zip(ds.training, ds.shapes, strict=False)
+        if any(p > d for p, d in zip(patch, s, strict=True))
+    ]
+    if small:
+        raise DataError(
+            [f"patch size {patch} is larger than a volume: {s}" for s in small],
+            f"Use a smaller patch, e.g. --set compute.patch_size=[{', '.join(map(str, ds.min_shape))}]"
+            " (rounded down to the network's divisor), or compute.patch_size=auto.",
+        )
+
+
+def kfold_split(items: list[Item], folds: int, fold: int, seed: int) -> dict[str, list[Item]]:
+    """Deterministic k-fold split (MONAI partition_dataset); fold `fold` is the validation set."""
+    if len(items) < folds:
+        raise DataError(
+            f"{len(items)} training pairs cannot make {folds} folds",
+            f"Use --set data.folds={max(2, len(items))} or add data.",
+        )
+    if not 0 <= fold < folds:
+        raise DataError(f"data.fold={fold} is not in 0..{folds - 1}")
+    parts = partition_dataset(items, num_partitions=folds, shuffle=True, seed=seed)
+    val = parts[fold]
+    train = [it for i, p in enumerate(parts) if i != fold for it in p]
+    return {"train": train, "val": val}
+
+
+def train_transforms(patch: tuple[int, int, int], samples: int, norm: Normalization) -> Compose:
+    """Load, normalise the whole volume (as inference does), then draw random patches."""
+    return Compose(
+        [
+            LoadImaged(keys=["image", "label"], image_only=True),
+            EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+            Lambdad(keys="image", func=partial(normalize, norm=norm)),
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=patch,
+                pos=2,
+                neg=1,
+                num_samples=samples,
+            ),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
+        ]
+    )
+
+
+def val_transforms() -> Compose:
+    """Raw intensities: validation runs the shared inference path, which normalises itself."""
+    return Compose(
+        [
+            LoadImaged(keys=["image", "label"], image_only=True),
+            EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+        ]
+    )

@@ -1,0 +1,89 @@
+"""Shared fixtures: one tiny model is trained once per session and reused everywhere.
+
+The model is small (DynUNet [8, 16, 32], 32^3 patches, a few epochs on 40^3 synthetic volumes)
+so the whole suite runs on 2 CPU cores; tests that need a model that has really learned use the
+full quickstart (marked slow).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.filters=[8,16,32]",
+    "compute.patch_size=[32,32,32]",
+    "data.folds=3",
+    "train.epochs=8",
+    "train.lr=0.003",
+    "tracking.experiment=tests",
+    "tracking.model_name=tiny-vessels",
+]
+
+
+@dataclass
+class Trained:
+    workdir: Path
+    data: Path
+    tracking_uri: str
+    name: str
+    run_id: str
+    version: str
+    state: object
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
+    """Nothing a test does may reach the user's MLflow, BentoML home or temp folders."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml")))
+    yield
+    for k, v in saved.items():
+        if v is not None:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clinbundle.training.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("data") / "vessels"
+    write_dataset(root, n=6, shape=(40, 40, 40), seed=3, n_test=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Trained:
+    """Train, register (@challenger) and promote (@champion) the session's tiny model."""
+    from clinbundle.registry import promote
+    from clinbundle.training.run import run_training
+
+    workdir = tmp_path_factory.mktemp("work")
+    state = run_training(workdir, overrides=[f"data.root={synth_data}", *TINY])
+    name = state.config.tracking.model_name
+    decision = promote(name, synth_data, metric="dice", minimum=0.0)
+    assert decision.promoted, decision.reason
+    return Trained(
+        workdir=workdir,
+        data=synth_data,
+        tracking_uri=mlflow.get_tracking_uri(),
+        name=name,
+        run_id=state.extra["run_id"],
+        version=state.extra["model_version"],
+        state=state,
+    )
+
+
+@pytest.fixture
+def tracking(trained: Trained):
+    """Re-point MLflow at the session store (a test may have pointed it elsewhere)."""
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    mlflow.set_registry_uri(trained.tracking_uri)
+    return trained
