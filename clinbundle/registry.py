@@ -155,7 +155,7 @@ def promote(
 
     eval_set = load_eval_set(data_dir)
     sign = 1.0 if DIRECTIONS[metric] == "max" else -1.0
-    ch = score_version(name, challenger.version, eval_set, metric)
+    ch = score_version(name, str(challenger.version), eval_set, metric)
     if champion is None:
         cp, diff_ci = None, None
         ok = sign * (ch.mean - minimum) >= 0
@@ -164,7 +164,7 @@ def promote(
             f"{'meets' if ok else 'misses'} the minimum {minimum}"
         )
     else:
-        cp = score_version(name, champion.version, eval_set, metric)
+        cp = score_version(name, str(champion.version), eval_set, metric)
         diff = sign * (np.array(ch.per_volume) - np.array(cp.per_volume))
         diff_ci = bootstrap_ci(diff)
         ok = float(diff.mean()) > min_improvement

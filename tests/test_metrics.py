@@ -7,7 +7,7 @@ from clinbundle.training.metrics import DIRECTIONS, cldice, is_better, segmentat
 
 
 def _tube(shape=(32, 32, 32), r=3, offset=0) -> np.ndarray:
-    z, y, x = np.indices(shape)
+    _, y, x = np.indices(shape)
     return (((y - 16 - offset) ** 2 + (x - 16) ** 2) <= r * r).astype(np.uint8)
 
 

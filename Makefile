@@ -1,0 +1,38 @@
+# The two commands of the README: `make quickstart` and `make test`. Both create the virtual
+# environment on first use (.venv, about 2 GB, a few minutes) and reuse it afterwards.
+PYTHON ?= python3
+# The CPU build of torch that this kind of machine serves from its local wheels. On a GPU machine
+# use the CUDA build instead: `make TORCH=torch quickstart`.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install quickstart test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/python -c "import clinbundle, monai, mlflow, onnxruntime"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/clinbundle quickstart --workdir work
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py --out work/train_throughput.json
+
+clean:
+	rm -rf work .pytest_cache .ruff_cache

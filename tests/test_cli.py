@@ -1,0 +1,87 @@
+"""The `clinbundle` command as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "clinbundle"]
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
+    return subprocess.run(
+        CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_same_seed_same_bytes(tmp_path: Path) -> None:
+    for out in ("a", "b"):
+        r = run(
+            [
+                "data",
+                "synth",
+                "--out",
+                out,
+                "--n",
+                "2",
+                "--n-test",
+                "1",
+                "--shape",
+                "24",
+                "24",
+                "32",
+            ],
+            tmp_path,
+        )
+        assert r.returncode == 0, r.stderr
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--data", "missing-folder"], "does not exist"),
+        (["train", "--data", ".", "--set", "train.epochs=oops"], "train.epochs"),
+        (["promote", "--model", "nobody", "--data", "."], "no registered model 'nobody'"),
+    ],
+)
+def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) -> None:
+    r = run([*args, "--workdir", str(tmp_path)], tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
+    r = run(["quickstart", "--workdir", str(tmp_path / "qs")], tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "models:/vessel-seg@champion"
+    dice = float(re.search(r"held-out Dice of version \d+: ([0-9.]+)", r.stdout).group(1))
+    assert dice >= 0.7, r.stdout
+    # everything stayed in the work dir, and a fresh process finds the champion there
+    assert (tmp_path / "qs" / "mlflow.db").exists() and (tmp_path / "qs" / "mlartifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    code = (
+        "import mlflow, numpy as np; "
+        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'qs' / 'mlflow.db'}'); "
+        "m = mlflow.pyfunc.load_model('models:/vessel-seg@champion'); "
+        "print(m.predict(np.zeros((1, 1, 50, 60, 70), np.float32)).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "(1, 2, 50, 60, 70)" in out.stdout, out.stderr[-2000:]
