@@ -9,7 +9,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -17,6 +16,8 @@ from clinbundle.errors import ConfigError, DataError, TrackingError
 from clinbundle.training.callbacks import Callback
 from clinbundle.training.metrics import DIRECTIONS
 from clinbundle.training.run import run_training
+
+from conftest import TINY
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
