@@ -21,6 +21,20 @@ log = logging.getLogger("clinbundle.quickstart")
 SYNTH = {"n": 16, "shape": (64, 64, 64), "seed": 0, "n_test": 4}
 
 
+def _synth_matches(meta: Path, synth: dict) -> bool:
+    """Reuse data from an earlier quickstart only if it was made with the same settings."""
+    if not meta.exists():
+        return False
+    d = json.loads(meta.read_text())
+    made = d.get("synth") or {}
+    return (made.get("seed"), made.get("shape"), d.get("numTraining"), d.get("numTest")) == (
+        synth["seed"],
+        list(synth["shape"]),
+        synth["n"],
+        synth["n_test"],
+    )
+
+
 def quickstart_config_path() -> Path:
     return Path(str(resources.files("clinbundle").joinpath("configs/quickstart.yaml")))
 
@@ -37,13 +51,7 @@ def run_quickstart(
     synth = SYNTH | (synth or {})
     data = workdir / "data" / "synthetic-vessels"
     meta = data / "dataset.json"
-    current = json.loads(meta.read_text()).get("synth") if meta.exists() else None
-    if (
-        current is None
-        or current.get("seed") != synth["seed"]
-        or current.get("shape") != list(synth["shape"])
-        or len(json.loads(meta.read_text())["training"]) != synth["n"]
-    ):
+    if not _synth_matches(meta, synth):
         log.info("writing synthetic data to %s", data)
         write_dataset(data, **synth)
     configure_tracking(workdir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -206,7 +206,3 @@ def _record(name: str, d: Decision, cases: list[str], data_dir: Path) -> None:
             tags["promotion_champion_version"] = d.champion.version
         for k, v in tags.items():
             client.set_model_version_tag(name, score.version, k, v)
-
-
-def decision_summary(d: Decision) -> dict:
-    return asdict(d)

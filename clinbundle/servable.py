@@ -52,12 +52,11 @@ def log_segmentation_model(
     name: str = "model",
     metadata: dict | None = None,
 ) -> ModelInfo:
-    """Log weights (a state_dict or a checkpoint file holding one) as a pyfunc in the active run."""
+    """Log weights (a state_dict, or a best_* checkpoint holding one under "model") as a pyfunc."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         if isinstance(weights, Path):
-            blob = torch.load(weights, map_location="cpu", weights_only=False)
-            weights = blob.get("model", blob)
+            weights = torch.load(weights, map_location="cpu", weights_only=True)["model"]
         torch.save(weights, tmp_path / "weights.pt")
         (tmp_path / "contract.json").write_text(contract.to_json())
         code = tmp_path / "code" / "clinbundle"

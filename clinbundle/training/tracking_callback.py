@@ -144,15 +144,12 @@ class MLflowCallback(Callback):
             mlflow.log_metric(f"best_{name}", value)
             mlflow.set_tag(f"best_{name}_epoch", str(state.best_epoch[name]))
         best = state.out_dir / "checkpoints" / f"best_{sel}.pt"
-        if not best.exists():  # zero epochs: log the initial weights so the run is still servable
-            best = state.out_dir / "checkpoints" / "last.pt"
-        weights = best if best.exists() else None
-        if weights is None:
-            log.warning("no checkpoint was written (0 epochs); no model is logged")
+        if not best.exists():  # 0 epochs, or the selection metric was never finite
+            log.warning("no best_%s checkpoint was written; no model is logged", sel)
             mlflow.end_run()
             return
         info = log_segmentation_model(
-            weights,
+            best,
             state.contract,
             metadata={
                 "run_id": self.run_id,
