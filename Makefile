@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
 	$(BIN)/python -c "import clinbundle, monai, mlflow, onnxruntime"
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -27,9 +27,12 @@ def _keep_inside(workdir: Path) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from clinbundle.training.synth import write_dataset
 
-    path = write_dataset(
-        Path(args.out), n=args.n, shape=tuple(args.shape), seed=args.seed, n_test=args.n_test
-    )
+    try:
+        path = write_dataset(
+            Path(args.out), n=args.n, shape=tuple(args.shape), seed=args.seed, n_test=args.n_test
+        )
+    except (ValueError, FileExistsError) as e:
+        raise ClinbundleError(str(e)) from None
     print(path)
     return 0
 
@@ -107,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="registered model name")
     pr.add_argument("--data", required=True, help="MSD folder whose 'test' pairs are held out")
     pr.add_argument("--metric", default="dice")
-    pr.add_argument("--minimum", type=float, default=0.5, help="first champion needs this")
-    pr.add_argument("--min-improvement", type=float, default=0.0)
+    pr.add_argument(
+        "--minimum", type=float, default=0.5, help="first champion needs this (default 0.5)"
+    )
+    pr.add_argument(
+        "--min-improvement", type=float, default=0.0, help="margin over the champion (default 0)"
+    )
     common(pr)
     pr.set_defaults(func=cmd_promote)
 

@@ -44,7 +44,11 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     for k in saved:
         os.environ.pop(k, None)
     os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml")))
+    strays = [Path.cwd() / "mlruns", Path.cwd() / "mlflow.db", REPO / "mlruns", REPO / "mlflow.db"]
+    before = {p for p in strays if p.exists()}
     yield
+    leaked = {p for p in strays if p.exists()} - before
+    assert not leaked, f"the test session wrote MLflow files outside its temp dirs: {leaked}"
     for k, v in saved.items():
         if v is not None:
             os.environ[k] = v

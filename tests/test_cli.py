@@ -85,3 +85,12 @@ def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "(1, 2, 50, 60, 70)" in out.stdout, out.stderr[-2000:]
+
+
+def test_synth_bad_arguments_and_file_as_data_folder(tmp_path: Path) -> None:
+    r = run(["data", "synth", "--out", "x", "--shape", "8", "8", "8"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and ">= 16" in r.stderr, r.stderr
+    (tmp_path / "notes.txt").write_text("hi")
+    r = run(["train", "--data", "notes.txt", "--workdir", str(tmp_path / "w")], tmp_path)
+    assert r.returncode == 2 and "is a file" in r.stderr, r.stderr
+    assert not (tmp_path / "w" / "mlflow.db").exists()  # nothing written before the data check

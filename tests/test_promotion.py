@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
@@ -9,14 +11,20 @@ from mlflow.tracking import MlflowClient
 from clinbundle.networks import build_network
 from clinbundle.registry import CHALLENGER, CHAMPION, promote, register_challenger
 from clinbundle.servable import log_segmentation_model
+from clinbundle.tracking import experiment_id
 
 NAME = "promotion-test"
+
+
+def tracking_workdir():
+    return Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent
 
 
 def _register_untrained(contract) -> str:
     torch.manual_seed(123)
     weights = build_network(contract.network).state_dict()
-    with mlflow.start_run(run_name="untrained"):
+    exp = experiment_id("tests", tracking_workdir())
+    with mlflow.start_run(experiment_id=exp, run_name="untrained"):
         info = log_segmentation_model(weights, contract)
     return register_challenger(info.model_uri, NAME)
 

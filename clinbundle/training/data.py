@@ -73,6 +73,8 @@ def read_dataset(root: Path | str | None) -> Dataset:
     if root is None:
         raise DataError("no data folder given", "Pass --data DIR (an MSD-style folder).")
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file; --data needs the folder that holds dataset.json")
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist",

@@ -9,6 +9,7 @@ from pathlib import Path
 from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.callbacks import Callback, TrainState
 from clinbundle.training.config import config_to_yaml, load_config
+from clinbundle.training.data import read_dataset
 from clinbundle.training.tracking_callback import MLflowCallback
 from clinbundle.training.trainer import train
 
@@ -26,8 +27,9 @@ def run_training(
     cfg = load_config(config_path, overrides)
     if data_root is not None:
         cfg.data.root = data_root
+    read_dataset(cfg.data.root)  # a missing or empty folder fails before MLflow is touched
     configure_tracking(workdir, cfg.tracking.tracking_uri)
-    log.info("resolved config:\n%s", config_to_yaml(cfg))
+    log.debug("resolved config:\n%s", config_to_yaml(cfg))
     exp = experiment_id(cfg.tracking.experiment, workdir)
     run_name = f"{cfg.model.name}-fold{cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = workdir / "runs" / run_name
