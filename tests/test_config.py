@@ -82,3 +82,22 @@ def test_cldice_loss_trains_a_step() -> None:
     value = loss(logits, target)
     value.backward()
     assert torch.isfinite(value) and logits.grad is not None
+
+
+def test_device_choice_is_logged_and_cuda_fails_loudly_when_absent() -> None:
+    import torch
+
+    from clinbundle.errors import DeviceError
+    from clinbundle.training.compute import resolve_compute, resolve_device
+    from clinbundle.training.config import ComputeConfig
+
+    comp = resolve_compute(ComputeConfig(), (40, 50, 60), 40 * 50 * 60 * 4, 8)
+    assert comp.decisions["device"].auto and comp.decisions["device"].reason
+    assert comp.patch_size == (40, 48, 56) and all(p % 8 == 0 for p in comp.patch_size)
+    user = resolve_compute(ComputeConfig(device="cpu", batch_size=3), (64, 64, 64), 1, 8)
+    assert user.batch_size == 3 and not user.decisions["batch_size"].auto
+    if torch.cuda.is_available():
+        assert resolve_device("cuda")[0].type == "cuda"
+    else:
+        with pytest.raises(DeviceError, match="no CUDA device"):
+            resolve_device("cuda")
