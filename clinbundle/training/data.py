@@ -117,11 +117,11 @@ def read_dataset(root: Path | str | None) -> Dataset:
     )
 
 
-def _load(path: str, what: str, problems: list[str]) -> nib.Nifti1Image | None:
+def _load(path: str, what: str, problems: list[str]) -> tuple[nib.Nifti1Image, np.ndarray] | None:
+    """Header and voxels, read once; a truncated or foreign file becomes a problem line."""
     try:
         img = nib.load(path)
-        img.get_fdata(dtype=np.float32)  # forces a read, so truncated files fail here
-        return img
+        return img, np.asarray(img.dataobj)
     except Exception as e:
         problems.append(f"{path}: cannot read the {what} ({type(e).__name__}: {e})")
         return None
@@ -140,10 +140,11 @@ def validate_dataset(ds: Dataset, items: list[Item] | None = None) -> Dataset:
         for key in ("image", "label"):
             digest.update(Path(item[key]).name.encode())
             digest.update(hashlib.sha256(Path(item[key]).read_bytes()).digest())
-        img = _load(item["image"], "image", problems)
-        lab = _load(item["label"], "label", problems)
-        if img is None or lab is None:
+        img_read = _load(item["image"], "image", problems)
+        lab_read = _load(item["label"], "label", problems)
+        if img_read is None or lab_read is None:
             continue
+        (img, data), (lab, labels) = img_read, lab_read
         name = Path(item["image"]).name
         if len(img.shape) != 3:
             problems.append(f"{name}: image must be 3-D, has shape {img.shape}")
@@ -153,10 +154,8 @@ def validate_dataset(ds: Dataset, items: list[Item] | None = None) -> Dataset:
             continue
         if not np.allclose(img.affine, lab.affine, atol=1e-3):
             problems.append(f"{name}: image and label affines differ")
-        data = np.asarray(img.dataobj, dtype=np.float32)
         if not np.isfinite(data).all():
             problems.append(f"{name}: image holds NaN or Inf values")
-        labels = np.asarray(lab.dataobj)
         values = np.unique(labels)
         if not np.allclose(values, np.round(values)):
             problems.append(f"{Path(item['label']).name}: label values are not integers")
