@@ -70,6 +70,57 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(args: argparse.Namespace):
+    from clinbundle.packaging.model_source import resolve_model
+    from clinbundle.tracking import configure_tracking
+
+    wd = _workdir(args)
+    configure_tracking(wd)
+    return resolve_model(args.model, wd / "cache" / "models", default_name=args.name)
+
+
+def _tolerances(args: argparse.Namespace):
+    """The precision's defaults, with each tolerance given on the command line replacing one."""
+    import dataclasses
+
+    from clinbundle.packaging.parity import Tolerances
+
+    base = Tolerances.for_precision("fp16" if getattr(args, "fp16", False) else "fp32")
+    given = {
+        "max_abs": args.max_abs,
+        "max_flip_fraction": args.max_flips,
+        "min_dice": args.min_dice,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_package_onnx(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.onnx_bundle import build_onnx_bundle
+
+    model = _resolve(args)
+    out, report = build_onnx_bundle(
+        model,
+        Path(args.out),
+        precision="fp16" if args.fp16 else "fp32",
+        device=args.device,
+        tolerances=_tolerances(args),
+        exporter=args.exporter,
+        validation_limit=args.validation_volumes,
+        force=args.force,
+    )
+    print(f"parity: {report.summary()}")
+    print(out.resolve())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.onnx_bundle import verify_bundle
+
+    report = verify_bundle(Path(args.bundle), device=args.device)
+    print(f"{args.bundle}: all files match manifest.json; sample parity {report.summary()}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from clinbundle.training.config import config_to_yaml, load_config
 
@@ -124,6 +175,39 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override")
     q.set_defaults(func=cmd_quickstart)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--model",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a version "
+            "number or a name (default: models:/NAME@champion)",
+        )
+        sp.add_argument(
+            "--name", default="vessel-seg", help="registered model name for short forms"
+        )
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--max-abs", type=float, help="parity: max abs probability difference")
+        sp.add_argument("--max-flips", type=float, help="parity: max fraction of flipped labels")
+        sp.add_argument("--min-dice", type=float, help="parity: min Dice per label between masks")
+        sp.add_argument(
+            "--validation-volumes", type=int, default=2, help="run's val volumes in the suite"
+        )
+        sp.add_argument("--force", action="store_true", help="replace an existing output folder")
+        common(sp)
+
+    pkg = sub.add_parser("package", help="champion -> parity-checked deployment bundle")
+    formats = pkg.add_subparsers(dest="format", required=True)
+    po = formats.add_parser("onnx", help="ONNX bundle: model.onnx, manifest, model card, parity")
+    po.add_argument("--out", required=True, help="bundle folder to create")
+    po.add_argument("--fp16", action="store_true", help="fp16 weights (gated on Dice >= 0.995)")
+    po.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    model_args(po)
+    po.set_defaults(func=cmd_package_onnx)
+
+    v = sub.add_parser("verify", help="check a bundle's hashes and re-run its sample parity")
+    v.add_argument("bundle")
+    v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("config", help="print the resolved training config")
     overrides(c)

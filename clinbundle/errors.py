@@ -44,3 +44,13 @@ class ModelResolutionError(ClinbundleError):
 
 class DeviceError(ClinbundleError):
     """A device was asked for explicitly and is not available."""
+
+
+class BundleError(ClinbundleError):
+    """A bundle folder is missing, malformed, or would overwrite something."""
+
+
+class ParityError(ClinbundleError):
+    """A format does not give the PyTorch answer within tolerance; nothing was written."""
+
+    exit_code = 3

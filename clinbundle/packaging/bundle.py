@@ -1,0 +1,131 @@
+"""What every bundle format shares: atomic output folders, manifests and hash checks.
+
+A bundle is built in a hidden temporary folder next to its destination and renamed into place
+only after parity passed, so a failed or interrupted build never leaves a half-written bundle
+that looks like a real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+
+from clinbundle.errors import BundleError
+from clinbundle.packaging.model_source import ResolvedModel
+from clinbundle.packaging.parity import ParityReport
+from clinbundle.provenance import git_commit, library_versions, sha256_file, tree_hashes
+
+log = logging.getLogger("clinbundle.bundle")
+
+MANIFEST = "manifest.json"
+BUNDLE_VERSION = 1
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp folder; on success it becomes `out`, on any error it disappears."""
+    out = out.resolve()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise BundleError(f"{out} already exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped bundle unreadable to others
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("wrote %s", out)
+
+
+def build_manifest(
+    folder: Path, fmt: str, model: ResolvedModel, report: ParityReport, extra: dict
+) -> dict:
+    """Provenance, contract, parity summary and the sha256 of every file but itself."""
+    tracking = mlflow.get_tracking_uri()
+    return {
+        "format": fmt,
+        "bundle_version": BUNDLE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "uri": model.uri,
+            "name": model.name,
+            "version": model.version,
+            "run_id": model.run_id,
+            "tracking_uri": tracking.split("@")[-1] if "@" in tracking else tracking,
+        },
+        "provenance": {
+            "training_commit": model.run_tags.get("git_commit", "unknown"),
+            "packaging_commit": git_commit(),
+            "dataset_sha256": model.metadata.get("dataset_sha256"),
+            "training_metrics": model.metadata.get("best", {}),
+            "held_out": {
+                k.removeprefix("promotion_"): v
+                for k, v in model.version_tags.items()
+                if k in ("promotion_metric", "promotion_mean", "promotion_ci95")
+            },
+        },
+        "libraries": library_versions(),
+        "contract": model.contract.model_dump(mode="json"),
+        "parity": {
+            "passed": report.passed,
+            "summary": report.summary(),
+            "tolerances": report.to_dict()["tolerances"],
+            "reference": report.reference,
+            "candidate": report.candidate,
+        },
+        **extra,
+        "files": tree_hashes(folder, exclude=(MANIFEST,)),
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a folder: give the path of a bundle")
+    if not path.is_file():
+        raise BundleError(f"{folder} has no {MANIFEST}: not a clinbundle bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path} lists no files")
+    return manifest
+
+
+def check_hashes(folder: Path, manifest: dict) -> list[str]:
+    """Problems, each naming its file: missing, changed, or not in the manifest."""
+    problems = []
+    for rel, want in manifest["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif (got := sha256_file(p)) != want:
+            problems.append(
+                f"{rel}: sha256 {got[:12]}... differs from the manifest's {want[:12]}..."
+            )
+    present = set(tree_hashes(folder, exclude=(MANIFEST,)))
+    problems += [
+        f"{rel}: not listed in the manifest" for rel in sorted(present - set(manifest["files"]))
+    ]
+    return problems

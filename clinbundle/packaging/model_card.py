@@ -1,0 +1,112 @@
+"""The bundle's README.md: a model card a stranger can read without clinbundle.
+
+Sections follow the Model Zoo's docs/README and "Model Cards for Model Reporting" (Mitchell et
+al. 2019): intended use, inputs and outputs, training data, metrics with confidence intervals,
+parity, limitations, provenance.
+"""
+
+from __future__ import annotations
+
+from clinbundle.packaging.model_source import ResolvedModel
+from clinbundle.packaging.parity import ParityReport
+
+
+def _metrics_rows(model: ResolvedModel) -> list[str]:
+    rows = []
+    best = model.metadata.get("best", {})
+    for name, value in sorted(best.items()):
+        rows.append(f"| validation (best epoch) | {name} | {value:.4f} | - |")
+    tags = model.version_tags
+    if "promotion_mean" in tags:
+        lo, hi = tags.get("promotion_ci95", "nan,nan").split(",")
+        rows.append(
+            f"| held-out ({tags.get('promotion_eval_set', '?').split(' (')[0]}) | "
+            f"{tags.get('promotion_metric', '?')} | {float(tags['promotion_mean']):.4f} | "
+            f"{float(lo):.4f} .. {float(hi):.4f} (bootstrap) |"
+        )
+    return rows or ["| - | no metrics recorded | - | - |"]
+
+
+def render_model_card(
+    model: ResolvedModel, report: ParityReport, manifest: dict, files: dict[str, str]
+) -> str:
+    c = model.contract
+    p = model.run_params
+    labels = ", ".join(f"{k} = {v}" for k, v in sorted(c.labels.items(), key=lambda kv: int(kv[0])))
+    norm = c.normalization
+    norm_text = (
+        "per-volume z-score (mean 0, sd 1) inside the model"
+        if norm.kind == "zscore"
+        else f"clip to [{norm.a_min}, {norm.a_max}] and scale to [0, 1] inside the model"
+    )
+    o = report.overall()
+    parity_rows = [
+        f"| {r.name} | {'x'.join(map(str, r.shape))} | "
+        f"{'n/a' if r.max_abs is None else f'{r.max_abs:.1e}'} | {r.flip_fraction:.1e} | "
+        f"{min(r.dice.values()) if r.dice else float('nan'):.4f} | "
+        f"{'pass' if r.passed else 'FAIL'} |"
+        for r in report.cases
+    ]
+    title = f"{model.name or 'model'} v{model.version or '?'}"
+    return f"""# {title}: {c.model_family} 3D segmentation ({manifest["format"]} bundle)
+
+Made by `clinbundle package {manifest["format"]}` from `{model.uri}` (run `{model.run_id}`).
+Every file is listed with its sha256 in `manifest.json`; `clinbundle verify .` checks them and
+re-runs this model on `sample/` against the stored PyTorch output.
+
+## Intended use
+Research and evaluation of 3D segmentation ({labels}) on volumes like its training data.
+It is not a medical device and has not been validated for clinical decisions; validate it on
+data from the site where it will be used before relying on it.
+
+## Inputs and outputs
+| | |
+|---|---|
+| input | float32 array (N, {c.in_channels}, D, H, W) of raw intensities; any D, H, W >= 1 |
+| normalisation | {norm_text} |
+| output | float32 softmax probabilities (N, {c.num_classes}, D, H, W); labels = argmax over axis 1 |
+| classes | {labels} |
+| sliding window | roi {list(c.roi_size)}, overlap {c.overlap}, {c.blend_mode} blending, batch {c.sw_batch_size} (MONAI `sliding_window_inference`) |
+| graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {manifest["precision"]} |
+
+The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
+clinbundle (`clinbundle.packaging.onnx_bundle.load_bundle`), or with any ONNX Runtime by
+normalising, windowing and blending as the contract says.
+
+## Training data
+- data set: `{p.get("data_root", "?")}`, sha256 `{model.metadata.get("dataset_sha256", "?")}`
+- volumes: {p.get("data_num_train", "?")} training, {p.get("data_num_val", "?")} validation (fold {p.get("data_fold", "?")} of {p.get("data_folds", "?")}), {p.get("data_num_test", "?")} held-out test
+- loss `{p.get("loss_name", "?")}`, {p.get("train_epochs", "?")} epochs, lr {p.get("train_lr", "?")}, seed {p.get("train_seed", "?")}
+
+## Metrics
+| set | metric | value | 95% CI |
+|---|---|---|---|
+{chr(10).join(_metrics_rows(model))}
+
+## Parity with PyTorch
+{"PASS" if report.passed else "FAIL"}: {report.summary()}.
+Reference: {report.reference}. Candidate: {report.candidate}.
+Tolerances: max abs {report.tolerances.max_abs}, flipped fraction {report.tolerances.max_flip_fraction}, Dice per label {report.tolerances.min_dice} (None = not gated).
+Overall max abs difference {o["max_abs"] if o["max_abs"] is None else f"{o['max_abs']:.2e}"}, flipped voxels {o["flips"]} of {o["voxels"]}.
+
+| case | shape | max abs | flipped | min Dice | result |
+|---|---|---|---|---|---|
+{chr(10).join(parity_rows)}
+
+Full report: `parity/parity_report.md` and `.json`.
+
+## Limitations
+- No resampling or reorientation: give volumes at the voxel spacing and orientation of the
+  training data; other spacings change what a vessel looks like to the model.
+- Single input channel ({c.in_channels}); intensities are normalised per volume, so crops of a
+  volume are not normalised like the whole volume.
+- Near-tie voxels can flip label between runtimes; the flipped fraction above bounds it.
+- Metrics come from {p.get("data_num_val", "?")} validation and {p.get("data_num_test", "?")} held-out volumes of
+  one data set; the CIs say how uncertain they are, not how the model does elsewhere.
+
+## Provenance
+- model `{model.uri}` = {model.label}, run `{model.run_id}`, training commit `{model.run_tags.get("git_commit", "unknown")}`
+- packaged by clinbundle at commit `{manifest["provenance"]["packaging_commit"]}` on {manifest["created"]}
+- libraries: {", ".join(f"{k} {v}" for k, v in manifest["libraries"].items())}
+- files: {", ".join(f"`{f}`" for f in sorted(files))}
+"""

@@ -1,0 +1,186 @@
+"""Champion -> verified ONNX bundle, and `verify` for a bundle someone handed you.
+
+    resolve model -> export (dynamic axes, onnx.checker) -> parity vs PyTorch on the suite
+    -> sample + model card + manifest -> rename into place          (any failure: nothing)
+
+Bundle layout (a folder a stranger can read):
+
+    README.md                    model card
+    manifest.json                sha256 of every file, provenance, contract, parity summary
+    model.onnx                   graph; contract and provenance in metadata_props
+    contract.json                the inference contract
+    parity/parity_report.{json,md}
+    sample/input.npy             a raw volume of awkward shape ...
+    sample/reference.npy         ... and PyTorch's probabilities for it (what verify re-checks)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from clinbundle.contract import InferenceContract
+from clinbundle.errors import BundleError, ParityError
+from clinbundle.packaging.bundle import (
+    build_manifest,
+    check_hashes,
+    read_manifest,
+    staged_folder,
+    write_manifest,
+)
+from clinbundle.packaging.model_card import render_model_card
+from clinbundle.packaging.model_source import ResolvedModel, validation_volumes
+from clinbundle.packaging.onnx_export import OPSET, Exporter, embedded_contract, export_onnx
+from clinbundle.packaging.parity import (
+    ParityCase,
+    ParityReport,
+    Tolerances,
+    check_parity,
+    parity_suite,
+    record_parity,
+)
+from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, torch_runtime
+
+log = logging.getLogger("clinbundle.onnx")
+
+MODEL_FILE, CONTRACT_FILE = "model.onnx", "contract.json"
+SAMPLE_CASE = "odd"
+
+
+def parity_cases(model: ResolvedModel, validation_limit: int = 2) -> list[ParityCase]:
+    """The suite every format is checked on: awkward shapes plus the run's validation volumes."""
+    return parity_suite(model.contract, validation_volumes(model, limit=validation_limit))
+
+
+def build_onnx_bundle(
+    model: ResolvedModel,
+    out: Path,
+    precision: Literal["fp32", "fp16"] = "fp32",
+    device: str = "auto",
+    tolerances: Tolerances | None = None,
+    exporter: Exporter = "torchscript",
+    validation_limit: int = 2,
+    force: bool = False,
+    record: bool = True,
+) -> tuple[Path, ParityReport]:
+    """Export, prove parity, write the bundle; ParityError (and no bundle) on a breach."""
+    tol = tolerances or Tolerances.for_precision(precision)
+    log.info("parity tolerances for %s: %s", precision, tol)
+    network = model.load_network()
+    reference = torch_runtime(network, model.contract, "cpu")
+    cases = parity_cases(model, validation_limit)
+    with staged_folder(out, force=force) as tmp:
+        onnx_path = export_onnx(
+            network,
+            model.contract,
+            tmp / MODEL_FILE,
+            precision=precision,
+            exporter=exporter,
+            metadata={
+                "model_uri": model.uri,
+                "model_name": str(model.name),
+                "model_version": str(model.version),
+                "run_id": model.run_id,
+                "dataset_sha256": str(model.metadata.get("dataset_sha256")),
+            },
+        )
+        candidate = onnx_runtime(onnx_session(onnx_path, device), model.contract)
+        report = check_parity(reference, candidate, cases, model.contract, tol, "onnx")
+        report.model = {
+            "uri": model.uri,
+            "name": model.name,
+            "version": model.version,
+            "run_id": model.run_id,
+            "precision": precision,
+        }
+        if record:
+            record_parity(report, model, tmp / "parity")
+        else:
+            report.write(tmp / "parity")
+        if not report.passed:
+            raise ParityError(
+                f"ONNX parity failed for {model.label}: {report.summary()}; failing cases: "
+                f"{', '.join(report.overall()['failed_cases'])}. No bundle was written. "
+                f"Report: {report.to_markdown()}"
+            )
+        (tmp / CONTRACT_FILE).write_text(model.contract.to_json())
+        sample = next(c for c in cases if c.name == SAMPLE_CASE)
+        (tmp / "sample").mkdir()
+        np.save(tmp / "sample" / "input.npy", sample.volume)
+        np.save(tmp / "sample" / "reference.npy", reference.run(sample.volume))
+        extra = {
+            "precision": precision,
+            "exporter": exporter,
+            "opset": OPSET,
+            "execution_provider": candidate.description,
+            "sample": {"case": SAMPLE_CASE, "shape": list(sample.volume.shape)},
+        }
+        manifest = build_manifest(tmp, "onnx", model, report, extra)
+        (tmp / "README.md").write_text(
+            render_model_card(model, report, manifest, manifest["files"] | {"README.md": ""})
+        )
+        write_manifest(tmp, build_manifest(tmp, "onnx", model, report, extra))
+    return out, report
+
+
+@dataclass
+class OnnxBundle:
+    """A bundle opened for inference: its contract, manifest and an ONNX Runtime runner."""
+
+    path: Path
+    manifest: dict
+    contract: InferenceContract
+    runtime: Runtime
+
+    def predict(self, volume: np.ndarray) -> np.ndarray:
+        """Raw float32 (N, C, D, H, W) -> probabilities (N, K, D, H, W), via the shared path."""
+        return self.runtime.run(volume)
+
+
+def load_bundle(path: Path, device: str = "auto", threads: int | None = None) -> OnnxBundle:
+    """Open a bundle; the contract comes from model.onnx itself and must match contract.json."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not (path / MODEL_FILE).is_file():
+        raise BundleError(f"{path} has no {MODEL_FILE}")
+    try:
+        contract = embedded_contract(path / MODEL_FILE)
+    except Exception as e:  # a corrupt protobuf raises DecodeError, a foreign model KeyError
+        raise BundleError(f"{MODEL_FILE}: cannot read its inference contract ({e})") from None
+    on_disk = InferenceContract.from_json((path / CONTRACT_FILE).read_text())
+    if contract != on_disk:
+        raise BundleError(f"{MODEL_FILE}: its embedded contract differs from {CONTRACT_FILE}")
+    runtime = onnx_runtime(onnx_session(path / MODEL_FILE, device, threads), contract)
+    return OnnxBundle(path, manifest, contract, runtime)
+
+
+def verify_bundle(path: Path, device: str = "auto") -> ParityReport:
+    """Hashes first (a changed byte names its file), then parity on the bundle's own sample."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    problems = check_hashes(path, manifest)
+    if problems:
+        raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
+    try:
+        bundle = load_bundle(path, device)
+    except BundleError:
+        raise
+    except Exception as e:  # ORT refuses a graph it cannot parse
+        raise BundleError(f"{MODEL_FILE}: ONNX Runtime cannot load it ({e})") from None
+    volume = np.load(path / "sample" / "input.npy", allow_pickle=False)
+    reference = np.load(path / "sample" / "reference.npy", allow_pickle=False)
+    tol = Tolerances(**manifest["parity"]["tolerances"])
+    stored = Runtime(lambda _v: reference, "PyTorch output stored in sample/reference.npy")
+    report = check_parity(
+        stored, bundle.runtime, [ParityCase("sample", volume)], bundle.contract, tol, "verify"
+    )
+    if not report.passed:
+        raise ParityError(
+            f"{MODEL_FILE} no longer reproduces sample/reference.npy: {report.summary()}"
+        )
+    log.info("%s verified: %d files, %s", path, len(manifest["files"]), report.summary())
+    return report

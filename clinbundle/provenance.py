@@ -1,0 +1,55 @@
+"""Where a thing came from: source commit, library versions, file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import subprocess
+from pathlib import Path
+
+import clinbundle
+
+#: Libraries whose versions decide a model's numbers; recorded in every bundle's manifest.
+RUNTIME_LIBRARIES = ("clinbundle", "torch", "monai", "numpy", "onnx", "onnxruntime", "mlflow")
+
+
+def git_commit() -> str:
+    """The commit of the clinbundle source tree, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(clinbundle.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions(names: tuple[str, ...] = RUNTIME_LIBRARIES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_hashes(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under `folder`, by POSIX path relative to it."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
+    }
