@@ -91,3 +91,25 @@ def tracking(trained: Trained):
     mlflow.set_tracking_uri(trained.tracking_uri)
     mlflow.set_registry_uri(trained.tracking_uri)
     return trained
+
+
+@dataclass
+class Packaged:
+    trained: Trained
+    model: object  # clinbundle.packaging.model_source.ResolvedModel
+    bundle: Path
+    report: object  # clinbundle.packaging.parity.ParityReport
+
+
+@pytest.fixture(scope="session")
+def packaged(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Packaged:
+    """The session's champion resolved from the registry and packaged once as an ONNX bundle."""
+    from clinbundle.packaging.model_source import resolve_model
+    from clinbundle.packaging.onnx_bundle import build_onnx_bundle
+
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    mlflow.set_registry_uri(trained.tracking_uri)
+    model = resolve_model(f"models:/{trained.name}@champion", trained.workdir / "cache" / "models")
+    out = tmp_path_factory.mktemp("bundles") / "onnx"
+    bundle, report = build_onnx_bundle(model, out, device="cpu")
+    return Packaged(trained, model, bundle, report)
