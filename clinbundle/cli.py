@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and re-run its sample parity")
     v.add_argument("bundle")
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    common(v)
     v.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("config", help="print the resolved training config")

@@ -58,12 +58,18 @@ def test_synth_same_seed_same_bytes(tmp_path: Path) -> None:
         (["train", "--data", "missing-folder"], "does not exist"),
         (["train", "--data", ".", "--set", "train.epochs=oops"], "train.epochs"),
         (["promote", "--model", "nobody", "--data", "."], "no registered model 'nobody'"),
+        (
+            ["package", "onnx", "--model", "models:/nobody@champion", "--out", "b"],
+            "no registered model named 'nobody'",
+        ),
+        (["verify", "no-such-bundle"], "is not a folder"),
     ],
 )
 def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) -> None:
     r = run([*args, "--workdir", str(tmp_path)], tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
@@ -85,6 +91,23 @@ def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "(1, 2, 50, 60, 70)" in out.stdout, out.stderr[-2000:]
+
+    # issue 4: the quickstart champion becomes a verified ONNX bundle, parity recorded in MLflow
+    wd = ["--workdir", str(tmp_path / "qs")]
+    r = run(["package", "onnx", "--out", "bundle", *wd], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "bundle")
+    assert "parity: pass" in r.stdout
+    r = run(["verify", "bundle"], tmp_path)
+    assert r.returncode == 0 and "all files match manifest.json" in r.stdout, r.stderr[-2000:]
+    code = (
+        "import mlflow; "
+        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'qs' / 'mlflow.db'}'); "
+        "mv = mlflow.MlflowClient().get_model_version_by_alias('vessel-seg', 'champion'); "
+        "print(mv.tags['parity_onnx'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.startswith("pass max_abs="), out.stderr[-2000:]
 
 
 def test_synth_bad_arguments_and_file_as_data_folder(tmp_path: Path) -> None:

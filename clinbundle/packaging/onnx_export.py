@@ -145,8 +145,10 @@ def export_onnx(
     model = onnx.load(str(path))
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
 
         model = convert_float_to_float16(model, keep_io_types=True)
+        OnnxModel(model).topological_sort()  # the converter appends its input casts last
     props = {
         "inference_contract": contract.to_json(),
         "precision": precision,
