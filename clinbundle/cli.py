@@ -22,6 +22,7 @@ def _keep_inside(workdir: Path) -> None:
     """Caches and temp files of the libraries go into the work dir, not the user's home."""
     for var, sub in (("MLFLOW_ENV_ROOT", "cache/mlflow-envs"), ("BENTOML_HOME", "bentoml")):
         os.environ.setdefault(var, str(workdir / sub))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -111,6 +112,44 @@ def cmd_package_onnx(args: argparse.Namespace) -> int:
     print(f"parity: {report.summary()}")
     print(out.resolve())
     return 0
+
+
+def cmd_package_bento(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.bento import build_bento
+    from clinbundle.packaging.onnx_bundle import build_onnx_bundle, verify_bundle
+
+    model = _resolve(args)
+    if args.bundle:
+        bundle = Path(args.bundle)
+        verify_bundle(bundle, device="cpu")
+    else:
+        bundle = _workdir(args) / "bundles" / f"{model.name}-v{model.version}-onnx"
+        build_onnx_bundle(model, bundle, device="cpu", tolerances=_tolerances(args), force=True)
+    archive, report = build_bento(
+        model,
+        bundle,
+        Path(args.out),
+        tolerances=_tolerances(args),
+        validation_limit=args.validation_volumes,
+        force=args.force,
+    )
+    print(f"parity over HTTP: {report.summary()}")
+    print(archive.resolve())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.bento import ensure_imported, serve_command
+
+    tag = ensure_imported(Path(args.bento))
+    cmd = serve_command(tag, args.host, args.port)
+    print(
+        f"serving {tag} on http://{args.host}:{args.port} (BentoML store: "
+        f"{os.environ.get('BENTOML_HOME')})",
+        flush=True,
+    )
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -203,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     model_args(po)
     po.set_defaults(func=cmd_package_onnx)
+
+    pb = formats.add_parser("bento", help="BentoML bento, parity-checked over real HTTP")
+    pb.add_argument("--out", required=True, help="folder for the .bento archive and report")
+    pb.add_argument("--bundle", help="an existing ONNX bundle to serve (default: make one)")
+    model_args(pb)
+    pb.set_defaults(func=cmd_package_bento)
+
+    sv = sub.add_parser("serve", help="serve a .bento archive (or its folder) with BentoML")
+    sv.add_argument("bento", help="the .bento archive, or the folder `package bento` wrote")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container")
+    sv.add_argument("--port", type=int, default=3000)
+    common(sv)
+    sv.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("verify", help="check a bundle's hashes and re-run its sample parity")
     v.add_argument("bundle")

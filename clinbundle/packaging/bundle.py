@@ -15,14 +15,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import mlflow
+from typing import TYPE_CHECKING
 
 from clinbundle.errors import BundleError
-from clinbundle.packaging.model_source import ResolvedModel
-from clinbundle.packaging.parity import ParityReport
 from clinbundle.provenance import git_commit, library_versions, sha256_file, tree_hashes
 
+if TYPE_CHECKING:  # serving imports this module without MLflow installed
+    from clinbundle.packaging.model_source import ResolvedModel
+    from clinbundle.packaging.parity import ParityReport
 log = logging.getLogger("clinbundle.bundle")
 
 MANIFEST = "manifest.json"
@@ -55,6 +55,8 @@ def build_manifest(
     folder: Path, fmt: str, model: ResolvedModel, report: ParityReport, extra: dict
 ) -> dict:
     """Provenance, contract, parity summary and the sha256 of every file but itself."""
+    import mlflow
+
     tracking = mlflow.get_tracking_uri()
     return {
         "format": fmt,

@@ -7,8 +7,11 @@ parity, limitations, provenance.
 
 from __future__ import annotations
 
-from clinbundle.packaging.model_source import ResolvedModel
-from clinbundle.packaging.parity import ParityReport
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clinbundle.packaging.model_source import ResolvedModel
+    from clinbundle.packaging.parity import ParityReport
 
 
 def _metrics_rows(model: ResolvedModel) -> list[str]:

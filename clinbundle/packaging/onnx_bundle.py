@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -33,7 +33,6 @@ from clinbundle.packaging.bundle import (
     write_manifest,
 )
 from clinbundle.packaging.model_card import render_model_card
-from clinbundle.packaging.model_source import ResolvedModel, validation_volumes
 from clinbundle.packaging.onnx_export import OPSET, Exporter, embedded_contract, export_onnx
 from clinbundle.packaging.parity import (
     ParityCase,
@@ -45,6 +44,9 @@ from clinbundle.packaging.parity import (
 )
 from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, torch_runtime
 
+if TYPE_CHECKING:  # serving loads bundles without MLflow installed
+    from clinbundle.packaging.model_source import ResolvedModel
+
 log = logging.getLogger("clinbundle.onnx")
 
 MODEL_FILE, CONTRACT_FILE = "model.onnx", "contract.json"
@@ -53,6 +55,8 @@ SAMPLE_CASE = "odd"
 
 def parity_cases(model: ResolvedModel, validation_limit: int = 2) -> list[ParityCase]:
     """The suite every format is checked on: awkward shapes plus the run's validation volumes."""
+    from clinbundle.packaging.model_source import validation_volumes
+
     return parity_suite(model.contract, validation_volumes(model, limit=validation_limit))
 
 

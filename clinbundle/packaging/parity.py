@@ -302,7 +302,7 @@ def parity_suite(
     return cases
 
 
-def record_parity(report: ParityReport, model, folder: Path) -> None:
+def record_parity(report: ParityReport, model, folder: Path) -> list[Path]:
     """Log the report on the model's run and tag the model version `parity_<format>`.
 
     A model version has no artifacts of its own, so the files go to its run under
@@ -314,7 +314,8 @@ def record_parity(report: ParityReport, model, folder: Path) -> None:
 
     client = MlflowClient()
     where = f"parity/{report.format}/v{model.version or 'run'}"
-    for path in report.write(folder):
+    files = report.write(folder)
+    for path in files:
         client.log_artifact(model.run_id, str(path), where)
     tag = f"parity_{report.format}"
     if model.version is not None:
@@ -325,3 +326,4 @@ def record_parity(report: ParityReport, model, folder: Path) -> None:
     log.info(
         "recorded %s on %s (%s): %s", tag, model.label, mlflow.get_tracking_uri(), report.summary()
     )
+    return files

@@ -114,3 +114,35 @@ def onnx_runtime(session: ort.InferenceSession, contract: InferenceContract) -> 
         volume_runner(onnx_predictor(session), contract, "cpu"),
         f"onnxruntime {ort.__version__} {provider}",
     )
+
+
+def http_runtime(
+    url: str, contract: InferenceContract, token: str | None = None, timeout: float = 600
+) -> Runtime:
+    """A running clinbundle service as a runner: volumes go up as .npy, probabilities come back.
+
+    The service runs the shared sliding-window path itself; this runner only moves bytes, so a
+    difference from the ONNX bundle can only come from the server side.
+    """
+    import io
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    endpoint = url.rstrip("/") + "/segment_array"
+
+    def run(volume: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(volume, dtype=np.float32), allow_pickle=False)
+        r = httpx.post(
+            endpoint,
+            files={"array": ("volume.npy", buf.getvalue(), "application/octet-stream")},
+            data={"probabilities": "true"},
+            headers=headers,
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"{endpoint} answered {r.status_code}: {r.text[:500]}")
+        return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+    return Runtime(run, f"HTTP {url} (clinbundle service, ONNX Runtime server side)")

@@ -1,0 +1,93 @@
+"""BentoML service: a clinbundle ONNX bundle behind HTTP (one file; the work is in http_io).
+
+Inference is the bundle's runner, i.e. the shared sliding-window path on ONNX Runtime (CUDA when
+present, else CPU; logged), so the service answers exactly what the ONNX bundle answers. The
+model loads in a background thread: /readyz is 503 until it is loaded and warmed up.
+
+Environment: CLINBUNDLE_BENTO_MODEL (model tag, default clinbundle-onnx:latest),
+CLINBUNDLE_DEVICE (auto|cpu|cuda), CLINBUNDLE_API_TOKEN (bearer token; auth off when unset),
+CLINBUNDLE_MAX_VOXELS, CLINBUNDLE_MAX_REQUEST_BYTES, CLINBUNDLE_WARMUP_RUNS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import bentoml
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from clinbundle.apps import http_io
+
+log = logging.getLogger("clinbundle.bento")
+MODEL = bentoml.models.BentoModel(
+    os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")
+)
+
+
+class ClientError(BentoMLException):
+    """Carries http_io's 4xx status to BentoML's error response."""
+
+    def __init__(self, e: http_io.BadRequest) -> None:
+        super().__init__(str(e))
+        self.error_code = e.status
+
+
+async def metadata(_request) -> JSONResponse:
+    return JSONResponse(http_io.service_metadata(Path(MODEL.stored.path)))
+
+
+@bentoml.asgi_app(Starlette(routes=[Route("/", metadata)]), path="/metadata")
+@bentoml.service(traffic={"timeout": 600, "max_concurrency": 8})
+class Segmentation:
+    bundle_model = MODEL
+
+    def __init__(self) -> None:
+        self.bundle, self.error = None, None
+        threading.Thread(target=self._load, daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.bundle = http_io.load_and_warm_up(Path(self.bundle_model.path))
+        except Exception as e:  # reported by every request until fixed
+            self.error = f"model failed to load: {type(e).__name__}: {e}"
+            log.exception("model failed to load")
+
+    def __is_ready__(self) -> bool:
+        return self.bundle is not None
+
+    def _run(self, fn, *args):
+        if self.bundle is None:
+            raise ServiceUnavailable(self.error or "the model is still loading; retry shortly")
+        try:
+            return fn(self.bundle, *args)
+        except http_io.BadRequest as e:
+            raise ClientError(e) from None
+
+    @bentoml.api(route="/segment")
+    def segment(self, file: Path, probabilities: bool = False, ctx: bentoml.Context = None) -> Path:
+        """A 3-D .nii/.nii.gz/.npy -> uint8 label NIfTI with the input's affine, or float32
+        (D, H, W, K) probabilities with probabilities=true."""
+
+        def run(bundle, path):
+            volume, affine = http_io.read_volume(path)
+            return http_io.segment_nifti(bundle, volume, affine, probabilities, ctx.temp_dir)
+
+        return self._run(run, file)
+
+    @bentoml.api(route="/segment_array")
+    def segment_array(
+        self, array: Path, probabilities: bool = False, ctx: bentoml.Context = None
+    ) -> Path:
+        """float32 .npy (D, H, W) or (N, C, D, H, W) -> uint8 labels (or probabilities) .npy."""
+        return self._run(http_io.segment_npy, array, probabilities, ctx.temp_dir)
+
+
+Segmentation.add_asgi_middleware(
+    http_io.RequestGuard, token=os.environ.get("CLINBUNDLE_API_TOKEN") or None
+)

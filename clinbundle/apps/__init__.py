@@ -1,0 +1,1 @@
+"""Applications around a packaged model: the BentoML service, the MAP app, the reviewer demo."""

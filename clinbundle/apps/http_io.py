@@ -1,0 +1,256 @@
+"""What the BentoML service does besides routing: read uploads safely, segment, describe itself.
+
+Kept out of `bentos/service.py` so that the service stays one short file and this part is
+importable and testable without a server.
+
+Uploads are recognised by their bytes, never by their name (names are not used as paths):
+gzip -> NIfTI inside, NIfTI-1/2 header, or the .npy magic; .npy is read with allow_pickle=False.
+NIfTI data of any real numeric type is accepted (CT is usually int16) and read as float32 with
+its scaling; /segment_array takes float32 .npy only, as its contract says.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata as md
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from clinbundle.errors import InputError
+from clinbundle.packaging.onnx_bundle import OnnxBundle, load_bundle
+
+log = logging.getLogger("clinbundle.service")
+
+#: Request body limit (bytes) and volume limit (voxels); both overridable by environment.
+MAX_REQUEST_BYTES = int(os.environ.get("CLINBUNDLE_MAX_REQUEST_BYTES", 512 * 1024**2))
+MAX_VOXELS = int(os.environ.get("CLINBUNDLE_MAX_VOXELS", 256**3))
+OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
+STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None}
+
+
+class BadRequest(ValueError):
+    """The upload cannot be segmented; the message says why (answered with a 4xx)."""
+
+    status = 400
+
+
+class TooLarge(BadRequest):
+    status = 413
+
+
+def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
+    """Open the bundle and run warm-up inferences; only then is the service ready."""
+    device = os.environ.get("CLINBUNDLE_DEVICE", "auto")
+    bundle = load_bundle(bundle_path, device=device)
+    runs = int(os.environ.get("CLINBUNDLE_WARMUP_RUNS", "1"))
+    shape = (1, bundle.contract.in_channels, *bundle.contract.roi_size)
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        bundle.predict(np.random.default_rng(0).normal(0, 1, shape).astype(np.float32))
+    STATE["execution_provider"] = bundle.runtime.description
+    STATE["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    log.info(
+        "model loaded (device=%s, %s); %d warm-up run(s) in %.2f s",
+        device,
+        bundle.runtime.description,
+        runs,
+        time.perf_counter() - t0,
+    )
+    return bundle
+
+
+def _check_volume(array: np.ndarray, what: str) -> None:
+    if array.size == 0 or min(array.shape, default=0) == 0:
+        raise BadRequest(f"{what} is empty (shape {array.shape})")
+    if array.size > MAX_VOXELS:
+        raise TooLarge(
+            f"{what} has {array.size} voxels, over this service's limit of {MAX_VOXELS} "
+            "(CLINBUNDLE_MAX_VOXELS); crop or downsample it"
+        )
+    if not np.isfinite(array).all():
+        raise BadRequest(f"{what} holds NaN or Inf values; fix or mask them first")
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Upload -> (float32 (1, 1, D, H, W), affine); identity affine for .npy."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise BadRequest("the uploaded file is empty")
+    if data[:6] == b"\x93NUMPY":
+        array = _npy(data)
+        if array.ndim != 3:
+            raise BadRequest(f"a .npy for /segment must be 3-D (D, H, W), got shape {array.shape}")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise BadRequest(f"a .npy volume must hold real numbers, got {array.dtype}")
+        array = array.astype(np.float32)
+        affine = np.eye(4)
+    else:
+        image = _nifti(data)
+        if len(image.shape) == 4 and image.shape[3] == 1:
+            image = image.slicer[..., 0]
+        if len(image.shape) != 3:
+            raise BadRequest(f"expected a 3-D volume, got a NIfTI of shape {image.shape}")
+        dtype = image.get_data_dtype()
+        if dtype.names or not (
+            np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+        ):
+            raise BadRequest(f"NIfTI data type {dtype} is not a real-valued intensity volume")
+        array = np.asarray(image.get_fdata(dtype=np.float32))
+        affine = image.affine
+    _check_volume(array, "the volume")
+    return array[None, None], affine
+
+
+def _npy(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise BadRequest(
+                ".npy files with Python objects are refused (allow_pickle=False)"
+            ) from None
+        raise BadRequest(f"corrupt .npy file ({e})") from None
+    except (OSError, EOFError) as e:
+        raise BadRequest(f"corrupt .npy file ({e})") from None
+
+
+def _nifti(data: bytes) -> nib.Nifti1Image:
+    if data[:2] == b"\x1f\x8b":
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+                data = f.read(MAX_REQUEST_BYTES * 8 + 1)  # a bounded read: no gzip bombs
+        except (OSError, EOFError) as e:
+            raise BadRequest(f"corrupt gzip file ({e})") from None
+        if len(data) > MAX_REQUEST_BYTES * 8:
+            raise TooLarge("the gzip file unpacks to more than this service accepts")
+    magic = data[344:348]
+    cls = {b"n+1\x00": nib.Nifti1Image, b"n+2\x00": nib.Nifti2Image}.get(magic)
+    if cls is None:
+        raise BadRequest(
+            "not a NIfTI (.nii / .nii.gz) or .npy file; /segment takes a 3-D NIfTI or .npy volume"
+        )
+    try:
+        image = cls.from_bytes(data)
+        image.get_fdata(dtype=np.float32)  # a truncated file fails here, not later
+        return image
+    except Exception as e:  # nibabel raises several types for broken headers and data
+        raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def _predict(bundle: OnnxBundle, volume: np.ndarray) -> np.ndarray:
+    try:
+        return bundle.predict(volume)
+    except InputError as e:
+        raise BadRequest(str(e)) from None
+
+
+def segment_nifti(
+    bundle: OnnxBundle, volume: np.ndarray, affine: np.ndarray, probabilities: bool, out_dir: str
+) -> Path:
+    """Labels (uint8, the input's affine) or, if asked, float32 (D, H, W, K) probabilities."""
+    probs = _predict(bundle, volume)[0]
+    if probabilities:
+        data = np.moveaxis(probs, 0, -1).astype(np.float32)
+    else:
+        data = probs.argmax(0).astype(np.uint8)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm")
+    out = Path(tempfile.mkdtemp(dir=out_dir)) / "segmentation.nii.gz"
+    nib.save(image, out)
+    return out
+
+
+def segment_npy(bundle: OnnxBundle, path: Path, probabilities: bool, out_dir: str) -> Path:
+    """float32 .npy (D, H, W) or (N, C, D, H, W) -> uint8 labels or float32 probabilities .npy."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise BadRequest("the uploaded file is empty")
+    if data[:6] != b"\x93NUMPY":
+        raise BadRequest("/segment_array takes a .npy file (numpy.save of a float32 array)")
+    array = _npy(data)
+    if array.dtype != np.float32:
+        raise BadRequest(f"expected float32 data, got {array.dtype}; send array.astype('float32')")
+    if array.ndim not in (3, 5):
+        raise BadRequest(f"expected (D, H, W) or (N, C, D, H, W), got shape {array.shape}")
+    _check_volume(array, "the array")
+    volume = array[None, None] if array.ndim == 3 else array
+    probs = _predict(bundle, np.ascontiguousarray(volume))
+    result = probs if probabilities else probs.argmax(1).astype(np.uint8)
+    if array.ndim == 3:
+        result = result[0]
+    out = Path(tempfile.mkdtemp(dir=out_dir)) / "result.npy"
+    np.save(out, result, allow_pickle=False)
+    return out
+
+
+def service_metadata(bundle_path: Path) -> dict:
+    """Model, contract, provenance, parity and versions: what a client may want to check."""
+    manifest = json.loads((bundle_path / "manifest.json").read_text())
+    serving = {}
+    for lib in ("bentoml", "onnxruntime", "numpy", "nibabel", "clinbundle"):
+        try:
+            serving[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            serving[lib] = "not installed"
+    return {
+        "model": manifest["model"],
+        "contract": manifest["contract"],
+        "provenance": manifest["provenance"],
+        "parity": manifest["parity"],
+        "bundle_libraries": manifest["libraries"],
+        "serving_libraries": serving,
+        "execution_provider": STATE["execution_provider"],
+        "loaded_at": STATE["loaded_at"],
+        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_voxels": MAX_VOXELS},
+    }
+
+
+class RequestGuard:
+    """ASGI middleware: bearer token (when set) and request size, checked before the body is read.
+
+    BentoML 1.4 has no request size limit of its own; a POST must declare its Content-Length
+    (every HTTP client does for a file upload) so that oversize bodies are refused unread.
+    """
+
+    def __init__(self, app, token: str | None = None, max_bytes: int = MAX_REQUEST_BYTES):
+        self.app, self.token, self.max_bytes = app, token, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/") not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            problem = None
+            if self.token and headers.get(b"authorization") != f"Bearer {self.token}".encode():
+                problem = (401, "missing or wrong bearer token ('Authorization: Bearer ...')")
+            elif scope["method"] == "POST":
+                length = headers.get(b"content-length")
+                if length is None:
+                    problem = (411, "send a Content-Length header")
+                elif int(length) > self.max_bytes:
+                    problem = (
+                        413,
+                        f"request of {int(length)} bytes is over the limit of "
+                        f"{self.max_bytes} (CLINBUNDLE_MAX_REQUEST_BYTES)",
+                    )
+            if problem:
+                body = json.dumps({"error": problem[1]}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": problem[0],
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,241 @@
+"""Champion -> BentoML bento, proven over real HTTP, exported as a `.bento` archive.
+
+    ONNX bundle (reused or made) -> BentoML model store (in the work dir)
+    -> staged build context: bentos/service.py + bentofile (pinned) + clinbundle
+    -> bentoml build (offline) -> `bentoml serve` on 127.0.0.1 -> parity over HTTP
+    -> report into the bento and onto the model version -> bentoml export -> OUT/
+
+A breach deletes the bento from the store and leaves OUT untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+import clinbundle
+from clinbundle.errors import BundleError, ParityError
+from clinbundle.packaging.bundle import staged_folder
+from clinbundle.packaging.parity import ParityReport, Tolerances, check_parity, record_parity
+from clinbundle.packaging.runtimes import http_runtime, torch_runtime
+
+if TYPE_CHECKING:
+    from clinbundle.packaging.model_source import ResolvedModel
+
+log = logging.getLogger("clinbundle.bento")
+
+BENTO_MODEL = "clinbundle-onnx"
+SERVICE_DIR = Path(clinbundle.__file__).resolve().parents[1] / "bentos"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll /readyz; fail early, with the server's output, if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BundleError(f"the bento server exited with code {proc.returncode} before ready")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise BundleError(f"the bento server at {url} was not ready after {timeout:.0f} s")
+
+
+def serve_command(bento: str, host: str, port: int) -> list[str]:
+    """`bentoml serve` of this interpreter's environment."""
+    return [sys.executable, "-m", "bentoml", "serve", bento, "--host", host, "--port", str(port)]
+
+
+@contextlib.contextmanager
+def running_bento(
+    bento: str, env: dict[str, str] | None = None, log_file: Path | None = None
+) -> Iterator[str]:
+    """Serve a bento (tag or folder) on a free loopback port for the duration of the block."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        serve_command(bento, "127.0.0.1", port),
+        env=os.environ | (env or {}),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until_ready(url, proc)
+        log.info("bento %s ready at %s", bento, url)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if log_file:
+            out.close()
+
+
+def pinned(packages: list[str]) -> list[str]:
+    """Each package at the version installed here: the versions the parity check ran on."""
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def import_bundle(bundle: Path, model: ResolvedModel) -> str:
+    """Copy the ONNX bundle into the BentoML model store; returns the model tag."""
+    import bentoml
+
+    labels = {"registered_model": str(model.name), "registered_version": str(model.version)}
+    with bentoml.models.create(
+        BENTO_MODEL, labels=labels, metadata={"run_id": model.run_id, "uri": model.uri}
+    ) as m:
+        shutil.copytree(bundle, m.path, dirs_exist_ok=True)
+    log.info("imported %s into the BentoML store as %s", bundle, m.tag)
+    return str(m.tag)
+
+
+def stage_build_context(ctx: Path, model_tag: str) -> Path:
+    """bentos/ + the clinbundle package, with the bentofile's packages pinned."""
+    if not (SERVICE_DIR / "service.py").is_file():
+        raise BundleError(
+            f"{SERVICE_DIR} with service.py was not found: package bentos from a clinbundle "
+            "source checkout (the bento build context lives in its bentos/ folder)"
+        )
+    shutil.copy(SERVICE_DIR / "service.py", ctx / "service.py")
+    shutil.copytree(
+        Path(clinbundle.__file__).parent,
+        ctx / "clinbundle",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    config = yaml.safe_load((SERVICE_DIR / "bentofile.yaml").read_text())
+    config["python"]["packages"] = pinned(config["python"]["packages"])
+    config["envs"] = [{"name": "CLINBUNDLE_BENTO_MODEL", "value": model_tag}]
+    (ctx / "parity").mkdir(exist_ok=True)
+    path = ctx / "bentofile.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def build_bento(
+    model: ResolvedModel,
+    onnx_bundle: Path,
+    out: Path,
+    tolerances: Tolerances | None = None,
+    validation_limit: int = 2,
+    force: bool = False,
+    record: bool = True,
+) -> tuple[Path, ParityReport]:
+    """Build, prove parity over HTTP, export; ParityError (and nothing kept) on a breach."""
+    import bentoml
+
+    from clinbundle.packaging.onnx_bundle import parity_cases
+
+    tol = tolerances or Tolerances.for_precision("fp32")
+    reference = torch_runtime(model.load_network(), model.contract, "cpu")
+    cases = parity_cases(model, validation_limit)
+    with staged_folder(out, force=force) as tmp:
+        model_tag = import_bundle(onnx_bundle, model)
+        ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))
+        bentofile = stage_build_context(ctx, model_tag)
+        env = {"CLINBUNDLE_BENTO_MODEL": model_tag}
+        os.environ.update(env)  # the service module reads it when the build imports it
+        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(ctx))
+        shutil.rmtree(ctx)
+        tag = str(bento.tag)
+        log.info("built bento %s", tag)
+        try:
+            with running_bento(tag, env, log_file=tmp / "parity-server.log") as url:
+                candidate = http_runtime(url, model.contract)
+                report = check_parity(reference, candidate, cases, model.contract, tol, "bento")
+        except BaseException:
+            bentoml.bentos.delete(tag)
+            raise
+        report.model = {
+            "uri": model.uri,
+            "name": model.name,
+            "version": model.version,
+            "run_id": model.run_id,
+            "bento": tag,
+        }
+        files = record_parity(report, model, tmp) if record else report.write(tmp)
+        if not report.passed:
+            bentoml.bentos.delete(tag)
+            raise ParityError(
+                f"bento parity over HTTP failed for {model.label}: {report.summary()}; no bento "
+                f"was kept.\n{report.to_markdown()}"
+            )
+        inside = Path(bento.path) / "src" / "parity"  # the report travels inside the bento
+        inside.mkdir(parents=True, exist_ok=True)
+        for f in files or []:
+            shutil.copy(f, inside / f.name)
+        archive = tmp / f"{tag.replace(':', '-')}.bento"
+        bentoml.export_bento(tag, str(archive))
+        (tmp / "BENTO_TAG").write_text(tag + "\n")
+    return out / archive.name, report
+
+
+def archive_tag(archive: Path) -> str:
+    """The bento tag written inside a `.bento` archive (its bento.yaml)."""
+    import tarfile
+
+    try:
+        with tarfile.open(archive) as tar:
+            member = next(m for m in tar.getmembers() if Path(m.name).name == "bento.yaml")
+            info = yaml.safe_load(tar.extractfile(member).read())  # type: ignore[union-attr]
+    except (tarfile.TarError, StopIteration, OSError) as e:
+        raise BundleError(f"{archive} is not a bento archive ({e})") from None
+    return f"{info['name']}:{info['version']}"
+
+
+def ensure_imported(path: Path) -> str:
+    """A `.bento` archive (or a folder holding exactly one) -> a tag in the local store."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    if path.is_dir():
+        archives = sorted(path.glob("*.bento"))
+        if len(archives) != 1:
+            raise BundleError(f"{path} holds {len(archives)} .bento archives; give one archive")
+        path = archives[0]
+    if not path.is_file():
+        raise BundleError(f"{path} does not exist: give a .bento archive or the folder it is in")
+    tag = archive_tag(path)
+    try:
+        bentoml.bentos.get(tag)
+        log.info("bento %s is already in the store (%s)", tag, os.environ.get("BENTOML_HOME"))
+    except NotFound:
+        bentoml.import_bento(str(path))
+        log.info("imported %s as %s", path, tag)
+    return tag

@@ -1,0 +1,316 @@
+"""The BentoML service, built from the champion and served for real over HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clinbundle.packaging.onnx_bundle import load_bundle
+from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.training.synth import synthesize_volume
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-test-token"
+MAX_VOXELS = 300_000  # a 70^3 volume is over it; the test volumes are under
+MAX_BYTES = 8 * 1024**2
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    first_readyz: int  # status of /readyz as soon as the server answered /healthz
+    segment_while_loading: int
+    tmpdir: Path
+    archive: Path
+
+
+def _free_port() -> int:
+    from clinbundle.packaging.bento import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def bento_archive(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`clinbundle package bento` on the session champion, reusing its ONNX bundle."""
+    t = packaged.trained
+    out = tmp_path_factory.mktemp("bento") / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clinbundle",
+            "package",
+            "bento",
+            "--model",
+            f"models:/{t.name}@champion",
+            "--bundle",
+            str(packaged.bundle),
+            "--out",
+            str(out),
+            "--workdir",
+            str(t.workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "BENTOML_HOME"},
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    archive = Path(r.stdout.strip().splitlines()[-1])
+    assert archive.suffix == ".bento" and archive.parent == out and archive.is_file()
+    return archive
+
+
+@pytest.fixture(scope="session")
+def server(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`clinbundle serve ARCHIVE` in a fresh BentoML home: token, limits, slow warm-up."""
+    home = tmp_path_factory.mktemp("serve")
+    tmpdir = home / "tmp"
+    tmpdir.mkdir()
+    port = _free_port()
+    env = os.environ | {
+        "BENTOML_HOME": str(home / "bentoml"),
+        "TMPDIR": str(tmpdir),
+        "CLINBUNDLE_API_TOKEN": TOKEN,
+        "CLINBUNDLE_MAX_VOXELS": str(MAX_VOXELS),
+        "CLINBUNDLE_MAX_REQUEST_BYTES": str(MAX_BYTES),
+        "CLINBUNDLE_WARMUP_RUNS": "60",  # a loading window long enough to observe
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clinbundle",
+            "serve",
+            str(bento_archive),
+            "--port",
+            str(port),
+            "--workdir",
+            str(home),
+        ],
+        env=env,
+        stdout=open(home / "server.log", "wb"),  # noqa: SIM115 (lives as long as the server)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    first = seg = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    first = httpx.get(url + "/readyz", timeout=5).status_code
+                    seg = _post(url, "/segment", _npy(np.zeros((8, 8, 8), np.float32))).status_code
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        while httpx.get(url + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.5)
+        yield Server(url, proc, first, seg, tmpdir, bento_archive)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _nii_gz(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    img = nib.Nifti1Image(array, np.diag([0.8, 0.8, 1.5, 1.0]) if affine is None else affine)
+    return gzip.compress(img.to_bytes())
+
+
+def _post(
+    url: str, route: str, payload: bytes, token: str | None = TOKEN, **data
+) -> httpx.Response:
+    field = "array" if route == "/segment_array" else "file"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(
+        url + route,
+        files={field: ("upload.bin", payload)},
+        data=data,
+        headers=headers,
+        timeout=300,
+    )
+
+
+def _volume(shape=(41, 37, 45), seed=5) -> np.ndarray:
+    return synthesize_volume(shape, np.random.default_rng(seed))[0]
+
+
+def test_readyz_is_not_ready_before_the_model_is_loaded(server: Server) -> None:
+    assert server.first_readyz == 503
+    assert server.segment_while_loading == 503
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_segment_nifti_matches_the_onnx_bundle_exactly_and_pytorch_within_tolerance(
+    server: Server, packaged
+) -> None:
+    image = _volume()
+    affine = np.array([[0, 0, 1.5, -20], [0, -0.8, 0, 30], [0.8, 0, 0, 5], [0, 0, 0, 1]])
+    r = _post(server.url, "/segment", _nii_gz(image, affine))
+    assert r.status_code == 200, r.text
+    seg = nib.Nifti1Image.from_bytes(
+        gzip.decompress(r.content) if r.content[:2] == b"\x1f\x8b" else r.content
+    )
+    labels = np.asarray(seg.dataobj)
+    assert labels.dtype == np.uint8 and labels.shape == image.shape
+    assert np.allclose(seg.affine, affine)
+    bundle = load_bundle(packaged.bundle, device="cpu")
+    assert np.array_equal(labels, bundle.predict(image[None, None])[0].argmax(0))
+    ref = torch_runtime(packaged.model.load_network(), packaged.model.contract).run(
+        image[None, None]
+    )
+    assert (labels != ref[0].argmax(0)).mean() <= 1e-4
+    assert labels.any()  # the model finds vessels; an all-zero answer would pass trivially
+
+
+def test_probabilities_and_segment_array(server: Server, packaged) -> None:
+    image = _volume((33, 40, 36), seed=6)
+    bundle = load_bundle(packaged.bundle, device="cpu")
+    want = bundle.predict(image[None, None])
+    r = _post(server.url, "/segment", _npy(image), probabilities="true")
+    assert r.status_code == 200, r.text
+    probs = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
+    assert probs.shape == (*image.shape, 2) and np.array_equal(np.moveaxis(probs, -1, 0), want[0])
+    batch = np.stack([image, image[::-1].copy()])[:, None]
+    r = _post(server.url, "/segment_array", _npy(batch))
+    assert r.status_code == 200, r.text
+    labels = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert labels.shape == (2, *image.shape) and labels.dtype == np.uint8
+    assert np.array_equal(labels, bundle.predict(batch).argmax(1))
+
+
+def _bad_inputs() -> list:
+    good = _volume((24, 24, 24), seed=7)
+    nan = good.copy()
+    nan[3, 4, 5] = np.nan
+    inf = good.copy()
+    inf[0, 0, 0] = np.inf
+    full = _nii_gz(good)
+    return [
+        ("/segment", _npy(good[0]), 400, "must be 3-D"),
+        ("/segment", _nii_gz(np.zeros((20, 20, 20, 3), np.float32)), 400, "expected a 3-D volume"),
+        ("/segment", _npy(np.zeros((20, 20, 20), bool)), 400, "real numbers"),
+        ("/segment", _nii_gz(nan), 400, "NaN or Inf"),
+        ("/segment", _npy(inf), 400, "NaN or Inf"),
+        ("/segment", b"", 400, "empty"),
+        ("/segment", full[: len(full) // 2], 400, "corrupt"),
+        ("/segment", gzip.decompress(full)[:400], 400, "corrupt NIfTI"),
+        ("/segment", b"patient,name\n1,x\n", 400, "not a NIfTI"),
+        ("/segment", _npy(np.array([{"a": 1}] * 8, dtype=object)), 400, "allow_pickle=False"),
+        ("/segment", pickle.dumps(good), 400, "not a NIfTI"),
+        ("/segment", _npy(np.zeros((70, 70, 70), np.float32)), 413, "over this service's limit"),
+        ("/segment", b"\x00" * (MAX_BYTES + 10), 413, "over the limit"),
+        ("/segment_array", _npy(good.astype(np.float64)), 400, "expected float32"),
+        ("/segment_array", _npy(good.astype(np.int16)), 400, "expected float32"),
+        ("/segment_array", _npy(good[None]), 400, "(N, C, D, H, W)"),
+        ("/segment_array", _npy(good[None, None].repeat(2, 1)), 400, "channel"),
+        ("/segment_array", _nii_gz(good), 400, "takes a .npy file"),
+    ]
+
+
+def test_every_bad_input_is_a_4xx_and_the_server_keeps_serving(server: Server) -> None:
+    good = _npy(_volume((24, 24, 24), seed=8))
+    for route, payload, status, needle in _bad_inputs():
+        r = _post(server.url, route, payload)
+        assert r.status_code == status, (needle, r.status_code, r.text[:500])
+        assert needle in r.json()["error"], (needle, r.text[:500])
+        assert _post(server.url, "/segment", good).status_code == 200, needle
+    # nothing the requests wrote is left in the server's temp folder
+    left = [p for p in server.tmpdir.rglob("*") if p.is_file() and p.suffix in (".gz", ".npy")]
+    assert not left, left
+
+
+def test_auth_metadata_and_bentoml_endpoints(server: Server, packaged) -> None:
+    volume = _npy(_volume((24, 24, 24), seed=9))
+    assert _post(server.url, "/segment", volume, token=None).status_code == 401
+    assert _post(server.url, "/segment", volume, token="wrong").status_code == 401
+    assert httpx.get(server.url + "/metadata").status_code == 401
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(server.url + open_path).status_code == 200, open_path
+    meta = httpx.get(server.url + "/metadata", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert meta.status_code == 200
+    m = meta.json()
+    assert m["model"]["name"] == packaged.model.name
+    assert m["model"]["version"] == packaged.model.version
+    assert m["contract"] == packaged.model.contract.model_dump(mode="json")
+    assert m["parity"]["passed"] and "CPUExecutionProvider" in m["execution_provider"]
+    assert {"bentoml", "onnxruntime"} <= set(m["serving_libraries"])
+    assert "bentoml_service_request_total" in httpx.get(server.url + "/metrics").text
+
+
+def test_bento_parity_is_on_the_model_version_and_inside_the_bento(
+    server: Server, packaged, tracking
+) -> None:
+    import tarfile
+
+    mv = MlflowClient().get_model_version(tracking.name, packaged.model.version)
+    assert mv.tags["parity_bento"].startswith("pass max_abs=")
+    with tarfile.open(server.archive) as tar:
+        names = tar.getnames()
+        report = next(n for n in names if n.endswith("parity/parity_report.json"))
+        data = json.loads(tar.extractfile(report).read())
+    assert data["passed"] and data["format"] == "bento"
+    assert any(
+        n.endswith("models/clinbundle-onnx") or "/models/clinbundle-onnx/" in n for n in names
+    )
+    _ = mlflow
+
+
+def test_the_service_runs_with_no_network(bento_archive: Path, tmp_path: Path) -> None:
+    port = 3917
+    client = (
+        "import httpx, io, numpy as np, time\n"
+        f"u = 'http://127.0.0.1:{port}'\n"
+        "for _ in range(600):\n"
+        "    try:\n"
+        "        if httpx.get(u + '/readyz').status_code == 200: break\n"
+        "    except httpx.TransportError: pass\n"
+        "    time.sleep(0.5)\n"
+        "b = io.BytesIO(); np.save(b, np.random.default_rng(0).normal(100, 40, (24, 24, 24)).astype('float32'))\n"
+        "r = httpx.post(u + '/segment', files={'file': ('v.npy', b.getvalue())}, timeout=300)\n"
+        "print('STATUS', r.status_code, len(r.content))\n"
+    )
+    script = (
+        "ip link set lo up || exit 1; "
+        f"setsid {sys.executable} -m clinbundle serve {bento_archive} --port {port} "
+        f"--workdir {tmp_path} > {tmp_path / 'server.log'} 2>&1 & SERVER=$!; "
+        f'{sys.executable} -c "$CLIENT"; kill -TERM -- -$SERVER; wait $SERVER'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"} | {"CLIENT": client}
+    r = subprocess.run(
+        ["unshare", "--net", "bash", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "STATUS 200" in r.stdout, (
+        r.stdout + r.stderr + (tmp_path / "server.log").read_text()[-3000:]
+    )
