@@ -32,7 +32,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_throughput.py --out work/train_throughput.json
+	$(BIN)/python benchmarks/train_throughput.py --out work/bench/train_throughput.json
+	$(BIN)/python benchmarks/onnx_vs_torch.py --out work/bench/onnx_vs_torch.json
 
 clean:
 	rm -rf work .pytest_cache .ruff_cache
