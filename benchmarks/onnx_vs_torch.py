@@ -69,13 +69,15 @@ def counting(predictor):
     return run, seen
 
 
-def time_runtime(predictor, volume, contract, repeats: int) -> tuple[float, int]:
+def time_runtime(
+    predictor, volume, contract, repeats: int, device: str = "cpu"
+) -> tuple[float, int]:
     counted, seen = counting(predictor)
-    sliding_window_probabilities(counted, volume, contract)  # warm-up (ORT plans, allocator)
+    sliding_window_probabilities(counted, volume, contract, device)  # warm-up (plans, allocator)
     seen["patches"] = 0
     t0 = time.perf_counter()
     for _ in range(repeats):
-        sliding_window_probabilities(counted, volume, contract)
+        sliding_window_probabilities(counted, volume, contract, device)  # returns numpy: synced
     return (time.perf_counter() - t0) / repeats, seen["patches"] // repeats
 
 
@@ -142,6 +144,12 @@ def bench_family(family: str, args, sgemm: float, tmp: Path) -> dict:
             "fraction_of_sgemm": round(gflop / t / sgemm, 3),
         }
 
+    compiled = None
+    if args.compile:  # inductor on CPU: the upper bound eager PyTorch is measured against
+        t_comp, _ = time_runtime(
+            torch_predictor(torch.compile(net)), volume, contract, args.repeats
+        )
+        compiled = side(t_comp) | {"speedup_over_eager": round(t_torch / t_comp, 2)}
     result = {
         "family": family,
         "filters": FAMILIES[family],
@@ -151,6 +159,8 @@ def bench_family(family: str, args, sgemm: float, tmp: Path) -> dict:
         "onnxruntime_cpu": side(t_ort),
         "speedup_ort_over_eager": round(t_torch / t_ort, 2),
     }
+    if compiled:
+        result["pytorch_compiled"] = compiled
     if not args.no_memory:
         for kind, key in (("torch", "pytorch_eager"), ("ort", "onnxruntime_cpu")):
             result[key] |= peak_rss_mib(
@@ -173,6 +183,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     ap.add_argument("--no-memory", action="store_true", help="skip the child-process RSS runs")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
@@ -34,8 +35,7 @@ class ClientError(BentoMLException):
     """Carries http_io's 4xx status to BentoML's error response."""
 
     def __init__(self, e: http_io.BadRequest) -> None:
-        super().__init__(str(e))
-        self.error_code = e.status
+        super().__init__(str(e), error_code=HTTPStatus(e.status))
 
 
 async def metadata(_request) -> JSONResponse:

@@ -218,6 +218,8 @@ class RequestGuard:
 
     BentoML 1.4 has no request size limit of its own; a POST must declare its Content-Length
     (every HTTP client does for a file upload) so that oversize bodies are refused unread.
+    It also unwraps BentoML 1.4.39's 4xx bodies, which come as `[{"error": ...}]` (a stray
+    comma in its error handler), so every error of this service is `{"error": "..."}`.
     """
 
     def __init__(self, app, token: str | None = None, max_bytes: int = MAX_REQUEST_BYTES):
@@ -253,4 +255,35 @@ class RequestGuard:
                 )
                 await send({"type": "http.response.body", "body": body})
                 return
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _unwrapping_errors(send))
+
+
+def _unwrapping_errors(send):
+    """Pass responses through; rewrite a 4xx JSON body `[{...}]` to `{...}`."""
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+            start = message
+            return
+        if start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+            if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+                body = json.dumps(parsed[0]).encode()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send(start | {"headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
