@@ -226,6 +226,9 @@ class RequestGuard:
         self.app, self.token, self.max_bytes = app, token, max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metadata":
+            # the metadata app is mounted at /metadata/; answer /metadata without a redirect
+            scope = scope | {"path": "/metadata/", "raw_path": b"/metadata/"}
         if scope["type"] == "http" and scope["path"].rstrip("/") not in OPEN_PATHS:
             headers = dict(scope.get("headers") or [])
             problem = None
