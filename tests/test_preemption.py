@@ -100,9 +100,10 @@ def _history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, flo
 
 
 @pytest.fixture(scope="module")
-def reference(shared_mlflow_server, synth_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def reference(
+    shared_mlflow_server, synth_data: Path, tmp_path_factory: pytest.TempPathFactory, trained
+):
     """The uninterrupted run every interrupted one is compared with."""
-    before = mlflow.get_tracking_uri()
     url = shared_mlflow_server.url
     state = run_training(
         tmp_path_factory.mktemp("reference"),
@@ -114,9 +115,9 @@ def reference(shared_mlflow_server, synth_data: Path, tmp_path_factory: pytest.T
             "tracking.model_name=reference",
         ],
     )
-    mlflow.set_tracking_uri(before)
-    mlflow.set_registry_uri(before)
-    client = MlflowClient(url)
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    mlflow.set_registry_uri(trained.tracking_uri)
+    client = MlflowClient(url, registry_uri=url)
     run_id = state.extra["run_id"]
     return client, run_id, _last(client, run_id, tmp_path_factory.mktemp("ref-last"))
 
@@ -149,7 +150,7 @@ def test_sigterm_mid_epoch_then_resume_on_a_fresh_workdir_is_the_same_training(
     tmp_path: Path, synth_data: Path, shared_mlflow_server, reference
 ) -> None:
     url, env = shared_mlflow_server.url, _cli_env(shared_mlflow_server.url)
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)
     sets = _sets([*PRE, "tracking.experiment=sigterm", "tracking.model_name=sigterm"])
     args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
     rc, err, seen = _train_until(args, tmp_path, env, r"epoch 2 step 1/4 ", signal.SIGTERM)
@@ -177,7 +178,7 @@ def test_sigkill_then_resume_latest_loses_at_most_the_checkpoint_interval(
     tmp_path: Path, synth_data: Path, shared_mlflow_server, reference
 ) -> None:
     url, env = shared_mlflow_server.url, _cli_env(shared_mlflow_server.url)
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)
     sets = _sets([*PRE, "tracking.experiment=sigkill", "tracking.model_name=sigkill"])
     args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
     killed_in = 4  # epochs 1-3 are done, their metrics logged; `last` is from epoch 2
@@ -223,7 +224,7 @@ def resume_store(tmp_path: Path, monkeypatch):
     # mlflow.set_tracking_uri exports it; here the work dir's own sqlite store is meant
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("errs", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(exp, tags={"clinbundle.status": "interrupted"})
     client.set_terminated(run.info.run_id, "KILLED")

@@ -43,7 +43,7 @@ def test_training_logs_and_registers_on_a_remote_server(
     )
     try:
         assert mlflow.get_tracking_uri() == url
-        client = MlflowClient(url)
+        client = MlflowClient(url, registry_uri=url)
         run = client.get_run(state.extra["run_id"])
         assert run.info.status == "FINISHED"
         names = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -103,7 +103,7 @@ def test_server_outage_mid_training_is_spooled_and_flushed_exactly_once(
     try:
         log = caplog.text
         assert "unreachable" in log and "is back after" in log, log[-3000:]
-        client = MlflowClient(mlflow_server.url)
+        client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
         run = client.get_run(state.extra["run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.tags["clinbundle.status"] == "finished"
