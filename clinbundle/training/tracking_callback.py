@@ -292,32 +292,41 @@ class MLflowCallback(Callback):
         assert self.spool is not None
         self.spool.set_tags(tags)
         self.spool.flush()
-        self.spool.call(lambda: mlflow.end_run(status=status), "the end of the run")
+        run_id = self.run_id
+        # the client call is the one that can be repeated; fluent end_run forgets the run at once
+        self.spool.call(lambda: MlflowClient().set_terminated(run_id, status), "the end of the run")
+        try:
+            mlflow.end_run(status=status)  # ends it again (same status) and forgets it
+        except Exception as e:
+            log.warning("run %s is %s; forgetting it locally failed: %s", run_id, status, e)
         restore_http(self._http)
 
     def on_failure(self, state: TrainState, error: BaseException) -> None:
         if mlflow.active_run() is None or self.spool is None:
             restore_http(self._http)
+            if mlflow.active_run() is not None:  # failed while the run was being set up
+                mlflow.end_run(status="FAILED")
             return
         spool = self.spool
         preempted = isinstance(error, Preempted)
         interrupted = preempted or isinstance(error, KeyboardInterrupt)
+        status = "KILLED" if interrupted else "FAILED"
         reason = f"{type(error).__name__}: {error}"[:4000]
-        spool.set_tags(
-            {
-                "failure_reason": reason,
-                "status_detail": "interrupted" if interrupted else "failed",
-                STATUS_TAG: "interrupted" if interrupted else "failed",
-                REASON_TAG: error.reason if isinstance(error, Preempted) else reason,
-            }
-        )
-        if not preempted:
-            with tempfile.TemporaryDirectory() as tmp:
-                p = Path(tmp) / "failure.txt"
-                p.write_text("".join(traceback.format_exception(error)))
-                spool.log_artifact(p, "")
         gave_up = isinstance(error, TrackingError) and spool.outage_since is not None
         try:
+            spool.set_tags(
+                {
+                    "failure_reason": reason,
+                    "status_detail": "interrupted" if interrupted else "failed",
+                    STATUS_TAG: "interrupted" if interrupted else "failed",
+                    REASON_TAG: error.reason if isinstance(error, Preempted) else reason,
+                }
+            )
+            if not preempted:
+                with tempfile.TemporaryDirectory() as tmp:
+                    p = Path(tmp) / "failure.txt"
+                    p.write_text("".join(traceback.format_exception(error)))
+                    spool.log_artifact(p, "")
             if not gave_up:
                 # a preempted machine has seconds, not minutes: `last` must be up by then
                 spool.flush(limit_s=PREEMPT_FLUSH_S if interrupted else None)
@@ -325,7 +334,6 @@ class MLflowCallback(Callback):
             log.error("%s; `last` and the rest stay in %s", e, state.out_dir)
         finally:
             restore_http(self._http)
-            status = "KILLED" if interrupted else "FAILED"
             try:
                 mlflow.end_run(status=status)
             except Exception as e:  # the server is gone; the run stays RUNNING there

@@ -430,5 +430,9 @@ def train(
             cb.on_train_end(state)
     except BaseException as e:
         cb.on_failure(state, e)
+        if isinstance(e, Preempted):
+            # every rank stopped after the same step; none exits before rank 0 has uploaded
+            # `last` and ended the run (torchrun stops the whole job when one rank exits)
+            barrier(info)
         raise
     return state
