@@ -333,8 +333,8 @@ class MLflowCallback(Callback):
         except TrackingError as e:
             log.error("%s; `last` and the rest stay in %s", e, state.out_dir)
         finally:
-            restore_http(self._http)
-            try:
+            try:  # still with MLflow's retries turned down: a dead server fails fast
                 mlflow.end_run(status=status)
             except Exception as e:  # the server is gone; the run stays RUNNING there
                 log.error("could not mark run %s %s: %s", self.run_id, status, e)
+            restore_http(self._http)
