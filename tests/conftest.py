@@ -8,9 +8,11 @@ full quickstart (marked slow).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -174,3 +176,32 @@ def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.stop()
+
+
+def train_until_signal(args: list[str], cwd: Path, env: dict, pattern: str, sig: int):
+    """Run `clinbundle -v ARGS`; send `sig` the moment a stderr line matches `pattern` (a log
+    line of the loop, not a blind sleep). Returns (exit code, stderr, whether it matched)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clinbundle", "-v", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if not seen.is_set() and re.search(pattern, line):
+                seen.set()
+                proc.send_signal(sig)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.wait(timeout=600)
+    reader.join(timeout=30)
+    return proc.returncode, "".join(lines), seen.is_set()

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import mlflow
@@ -25,7 +24,7 @@ from clinbundle.training.resume import RESUME_OVERRIDABLE, resume_config
 from clinbundle.training.run import run_training
 from clinbundle.training.trainer import CheckpointPolicy, epoch_seeds
 
-from conftest import TINY
+from conftest import TINY, train_until_signal
 
 EPOCHS, EVERY = 4, 2
 #: batch size 1: 4 training volumes -> 4 steps per epoch, so "mid-epoch" has room
@@ -46,34 +45,6 @@ def _cli_env(url: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
         "MLFLOW_TRACKING_URI": url
     }
-
-
-def _train_until(args: list[str], cwd: Path, env: dict, pattern: str, sig: int):
-    """Start `clinbundle -v train ...`, send `sig` the moment stderr shows `pattern`."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clinbundle", "-v", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if not seen.is_set() and re.search(pattern, line):
-                seen.set()
-                proc.send_signal(sig)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    proc.wait(timeout=600)
-    reader.join(timeout=30)
-    return proc.returncode, "".join(lines), seen.is_set()
 
 
 def _resume(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -153,7 +124,7 @@ def test_sigterm_mid_epoch_then_resume_on_a_fresh_workdir_is_the_same_training(
     client = MlflowClient(url, registry_uri=url)
     sets = _sets([*PRE, "tracking.experiment=sigterm", "tracking.model_name=sigterm"])
     args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
-    rc, err, seen = _train_until(args, tmp_path, env, r"epoch 2 step 1/4 ", signal.SIGTERM)
+    rc, err, seen = train_until_signal(args, tmp_path, env, r"epoch 2 step 1/4 ", signal.SIGTERM)
     assert seen and rc == 143, err[-3000:]
     assert "Traceback" not in err and "interrupted: received SIGTERM" in err, err[-2000:]
 
@@ -182,7 +153,7 @@ def test_sigkill_then_resume_latest_loses_at_most_the_checkpoint_interval(
     sets = _sets([*PRE, "tracking.experiment=sigkill", "tracking.model_name=sigkill"])
     args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
     killed_in = 4  # epochs 1-3 are done, their metrics logged; `last` is from epoch 2
-    rc, err, seen = _train_until(
+    rc, err, seen = train_until_signal(
         args, tmp_path, env, rf"epoch {killed_in} step 1/4 ", signal.SIGKILL
     )
     assert seen and rc == -signal.SIGKILL, err[-3000:]
