@@ -91,12 +91,7 @@ def find_run(client: MlflowClient, ref: str, experiment: str, uri: str) -> Run:
         if run.info.status not in RESUMABLE_STATUSES:
             continue
         if _has_last(client, run.info.run_id):
-            log.info(
-                "--resume latest: run %s (%s, started %s)",
-                run.info.run_id,
-                run.info.status,
-                run.info.start_time,
-            )
+            log.info("--resume latest: run %s (%s)", run.info.run_id, run.info.status)
             return run
     raise ResumeError(
         f"--resume latest: no interrupted, killed or failed run with a `last` checkpoint in "
@@ -169,7 +164,8 @@ def resolve_resume(
     # differently on this machine: the continued run must be the same training
     for key in ("batch_size", "patch_size"):
         value = last.get("compute", {}).get(key)
-        if value is not None and getattr(cfg.compute, key) != value:
+        current = getattr(cfg.compute, key)
+        if value is not None and (list(current) if key == "patch_size" else current) != value:
             log.info("resume: compute.%s = %s (as in the interrupted run)", key, value)
             setattr(cfg.compute, key, tuple(value) if key == "patch_size" else value)
     at = f"epoch {last['epoch'] + 1} step {last['step']}" if last.get("step") else None
