@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from clinbundle.errors import ClinbundleError
+from clinbundle.errors import ClinbundleError, Preempted
 
 
 def _workdir(args: argparse.Namespace) -> Path:
@@ -38,14 +38,69 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with `nproc` processes on this machine.
+
+    SIGTERM/SIGINT are passed on to torchrun, which passes them to every rank (each saves
+    nothing but rank 0's `last`, after the step in progress). Returns torchrun's exit code.
+    """
+    import signal
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "clinbundle",
+        *argv,
+    ]
+    logging.getLogger("clinbundle").info("re-running under torchrun: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from clinbundle.training.run import run_training
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ClinbundleError(f"--nproc must be >= 1, got {args.nproc}")
+        if "WORLD_SIZE" in os.environ:
+            raise ClinbundleError("--nproc under torchrun: drop one of them")
+        return _under_torchrun(args.nproc, _strip_nproc(args.argv))
     wd = _workdir(args)
     overrides = list(args.set or [])
-    if args.data:
-        overrides.insert(0, f"data.root={Path(args.data).resolve()}")
-    state = run_training(wd, Path(args.config) if args.config else None, overrides)
+    data = Path(args.data).resolve() if args.data else None
+    if args.resume:
+        state = run_training(wd, None, overrides, data_root=data, resume=args.resume)
+    else:
+        if data is not None:
+            overrides.insert(0, f"data.root={data}")
+        state = run_training(wd, Path(args.config) if args.config else None, overrides)
+    if "run_id" not in state.extra:  # a rank other than 0 under torchrun
+        return 0
     print(f"run {state.extra.get('run_id')}: best {state.best}")
     if "model_version" in state.extra:
         print(f"models:/{state.config.tracking.model_name}/{state.extra['model_version']}")
@@ -192,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train on an MSD-style folder, log and register in MLflow")
     t.add_argument("--data", help="MSD-style folder (or set data.root)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue an interrupted run (or `latest`: the newest interrupted one) from its "
+        "`last` checkpoint on the tracking server, with the run's own config",
+    )
+    t.add_argument(
+        "--nproc",
+        type=int,
+        help="train with N processes (DDP) on this machine: re-runs itself under torchrun",
+    )
     common(t)
     overrides(t)
     t.set_defaults(func=cmd_train)
@@ -269,10 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if "WORLD_SIZE" not in os.environ
+        else f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("alembic", "mlflow.store", "urllib3", "httpx"):
@@ -281,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         _keep_inside(_workdir(args))
     try:
         return args.func(args)
+    except Preempted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except ClinbundleError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

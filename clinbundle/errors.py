@@ -54,3 +54,23 @@ class ParityError(ClinbundleError):
     """A format does not give the PyTorch answer within tolerance; nothing was written."""
 
     exit_code = 3
+
+
+class ResumeError(ClinbundleError):
+    """`--resume` names a run that cannot be continued (unknown, finished, no checkpoint)."""
+
+
+class Preempted(ClinbundleError):
+    """Training stopped on SIGTERM after saving and uploading `last`; resume it with --resume.
+
+    Its own exit code (128 + SIGTERM, what a shell reports for a process ended by SIGTERM) lets a
+    job scheduler tell "preempted, resume me" from a failure (1) or a user error (2).
+    """
+
+    exit_code = 143
+
+    def __init__(self, run_id: str | None, reason: str, epoch: int, step: int) -> None:
+        self.run_id, self.reason, self.epoch, self.step = run_id, reason, epoch, step
+        where = f"epoch {epoch + 1} step {step}" if step else f"the end of epoch {epoch}"
+        resume = f"clinbundle train --resume {run_id}" if run_id else "clinbundle train --resume"
+        super().__init__(f"{reason}; `last` saved at {where}; continue with `{resume}`")

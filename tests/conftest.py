@@ -8,6 +8,13 @@ full quickstart (marked slow).
 from __future__ import annotations
 
 import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +120,110 @@ def packaged(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Pack
     out = tmp_path_factory.mktemp("bundles") / "onnx"
     bundle, report = build_onnx_bundle(model, out, device="cpu")
     return Packaged(trained, model, bundle, report)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts) that a test can
+    stop and start again on the same port with the same store, like a restarted server."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "server-artifacts"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> None:
+        self._log = open(self.root / "server.log", "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.artifacts),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError((self.root / "server.log").read_text()) from None
+                time.sleep(0.25)
+        raise RuntimeError("mlflow server did not become healthy in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if self._log is not None:
+            self._log.close()
+        self.proc = self._log = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A server of its own for one test (it may stop and restart it)."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the tests of a module that only log to it."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def train_until_signal(args: list[str], cwd: Path, env: dict, pattern: str, sig: int):
+    """Run `clinbundle -v ARGS`; send `sig` the moment a stderr line matches `pattern` (a log
+    line of the loop, not a blind sleep). Returns (exit code, stderr, whether it matched)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clinbundle", "-v", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if not seen.is_set() and re.search(pattern, line):
+                seen.set()
+                proc.send_signal(sig)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.wait(timeout=600)
+    reader.join(timeout=30)
+    return proc.returncode, "".join(lines), seen.is_set()

@@ -1,74 +1,35 @@
-"""MLFLOW_TRACKING_URI is honoured: a real `mlflow server` on 127.0.0.1 receives everything."""
+"""MLFLOW_TRACKING_URI is honoured: a real `mlflow server` on 127.0.0.1 receives everything,
+even when it goes away for a while in the middle of training."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import json
+import logging
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clinbundle.errors import TrackingError
+from clinbundle.training.callbacks import Callback
 from clinbundle.training.run import run_training
 
-from conftest import TINY
+from conftest import TINY, MlflowServer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not become healthy in 60 s")
-        yield url, tmp_path / "server-artifacts"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
 
 
 @pytest.mark.slow
 def test_training_logs_and_registers_on_a_remote_server(
     tmp_path: Path, synth_data: Path, mlflow_server, monkeypatch, tracking
 ) -> None:
-    url, store = mlflow_server
+    url, store = mlflow_server.url, mlflow_server.artifacts
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     workdir = tmp_path / "work"
     state = run_training(
@@ -82,7 +43,7 @@ def test_training_logs_and_registers_on_a_remote_server(
     )
     try:
         assert mlflow.get_tracking_uri() == url
-        client = MlflowClient(url)
+        client = MlflowClient(url, registry_uri=url)
         run = client.get_run(state.extra["run_id"])
         assert run.info.status == "FINISHED"
         names = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -92,9 +53,100 @@ def test_training_logs_and_registers_on_a_remote_server(
         # the artifacts live on the server's store, and nothing MLflow-ish stayed in the work dir
         assert any(p.name == "last.pt" for p in store.rglob("*.pt"))
         assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
+        # every file the run wrote locally is on the server under the same name
+        local = {
+            str(p.relative_to(state.out_dir))
+            for p in state.out_dir.rglob("*")
+            if p.is_file() and "spool" not in p.parts
+        }
+        assert local and local <= _artifacts(client, run.info.run_id), local
         model = mlflow.pyfunc.load_model("models:/remote@challenger")
         assert model.metadata.metadata["inference_contract"]["num_classes"] == 2
     finally:
         monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(tracking.tracking_uri)
+        mlflow.set_registry_uri(tracking.tracking_uri)
+
+
+class _ServerOutage(Callback):
+    """Stops the real server after epoch `down_after`; starts it again (same port, same store)
+    after epoch `up_after`, so the epochs in between are trained while it is gone."""
+
+    def __init__(self, server: MlflowServer, down_after: int, up_after: int | None) -> None:
+        self.server, self.down_after, self.up_after = server, down_after, up_after
+
+    def on_epoch_end(self, state, metrics) -> None:
+        if state.epoch == self.down_after:
+            self.server.stop()
+        if state.epoch == self.up_after:
+            self.server.start()
+
+
+@pytest.mark.slow
+def test_server_outage_mid_training_is_spooled_and_flushed_exactly_once(
+    tmp_path: Path, synth_data: Path, mlflow_server, tracking, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="clinbundle")
+    epochs = 3
+    state = run_training(
+        tmp_path / "work",
+        overrides=[
+            f"data.root={synth_data}",
+            *TINY,
+            f"train.epochs={epochs}",
+            f"tracking.tracking_uri={mlflow_server.url}",
+            "tracking.experiment=outage",
+            "tracking.model_name=outage",
+        ],
+        extra_callbacks=[_ServerOutage(mlflow_server, down_after=1, up_after=2)],
+    )
+    try:
+        log = caplog.text
+        assert "unreachable" in log and "is back after" in log, log[-3000:]
+        client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
+        run = client.get_run(state.extra["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["clinbundle.status"] == "finished"
+        keys = {k for h in state.history for k in h if k != "epoch"}
+        assert {"train_loss", "dice", "compound"} <= keys
+        for key in keys:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+        # the last.pt on the server is the final one, not one spooled during the outage
+        hist = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "metric_history.json")).read_text()
+        )
+        assert [h["epoch"] for h in hist["history"]] == list(range(1, epochs + 1))
+        assert run.data.tags["clinbundle.last_checkpoint"] == f"epoch={epochs} step=0"
+        assert len(client.search_model_versions("name='outage'")) == 1
+        assert not any((state.out_dir / "spool" / "files").glob("*/*"))  # flushed, cleaned up
+    finally:
+        mlflow.set_tracking_uri(tracking.tracking_uri)
+        mlflow.set_registry_uri(tracking.tracking_uri)
+
+
+@pytest.mark.slow
+def test_outage_longer_than_the_limit_gives_up_clearly(
+    tmp_path: Path, synth_data: Path, mlflow_server, tracking
+) -> None:
+    workdir = tmp_path / "work"
+    try:
+        with pytest.raises(TrackingError, match=r"unreachable for \d+ s .*giving up.*spooled in"):
+            run_training(
+                workdir,
+                overrides=[
+                    f"data.root={synth_data}",
+                    *TINY,
+                    "train.epochs=3",
+                    f"tracking.tracking_uri={mlflow_server.url}",
+                    "tracking.experiment=gives-up",
+                    "tracking.outage_limit_s=1",
+                ],
+                extra_callbacks=[_ServerOutage(mlflow_server, down_after=1, up_after=None)],
+            )
+        # what could not be sent is still on disk, in order
+        queue = next(workdir.rglob("spool/queue.jsonl")).read_text().splitlines()
+        assert queue and all(json.loads(line)["kind"] for line in queue)
+    finally:
         mlflow.set_tracking_uri(tracking.tracking_uri)
         mlflow.set_registry_uri(tracking.tracking_uri)

@@ -13,6 +13,7 @@ import torch
 
 
 def rng_states() -> dict[str, Any]:
+    """Every global RNG a training step may touch (python, numpy, torch CPU and CUDA)."""
     states: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -21,6 +22,15 @@ def rng_states() -> dict[str, Any]:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back what `rng_states` captured (CUDA states only where CUDA is present)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def atomic_save(obj: Any, path: Path) -> Path:

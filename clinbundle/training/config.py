@@ -43,8 +43,12 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     val_every: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     selection_metric: str = "compound"
+    # `last` is written (and uploaded) at the end of every N-th epoch and, if set, also mid-epoch
+    # once this many minutes have passed since the previous one: a SIGKILL loses at most that.
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    checkpoint_every_minutes: float | None = Field(None, gt=0)
 
 
 class InferenceConfig(_Section):
@@ -67,6 +71,11 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = "clinbundle"
     model_name: str = "vessel-seg"
+    # a remote server may be unreachable this long before training gives up; until then metrics,
+    # tags and artifacts are spooled in the run folder and flushed, in order, when it returns
+    outage_limit_s: float = Field(600.0, ge=0)
+    # per-request timeout of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_TIMEOUT) for remote servers
+    http_timeout_s: int = Field(30, ge=1)
 
 
 class Config(_Section):
