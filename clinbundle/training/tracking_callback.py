@@ -17,7 +17,6 @@ import importlib.metadata as md
 import logging
 import os
 import platform
-import subprocess
 import tempfile
 import traceback
 from pathlib import Path
@@ -29,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 import clinbundle
 from clinbundle.errors import Preempted, TrackingError
+from clinbundle.provenance import git_commit
 from clinbundle.registry import register_challenger
 from clinbundle.servable import log_segmentation_model
 from clinbundle.training.callbacks import Callback, TrainState
@@ -45,21 +45,6 @@ RESUMES_TAG = "clinbundle.resumes"
 #: How long an interrupted run tries to upload its spool before the process exits (a preempted
 #: machine has a short grace period).
 PREEMPT_FLUSH_S = 30.0
-
-
-def git_commit() -> str:
-    """The commit of the clinbundle source tree, or 'unknown' outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(clinbundle.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def frozen_requirements() -> str:
