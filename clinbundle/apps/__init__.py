@@ -1,0 +1,1 @@
+"""Applications built on the packaged champion (the MONAI Deploy MAP app; later the demo)."""
