@@ -72,7 +72,9 @@ def scan_input(folder: Path) -> InputScan:
             problems.append(f"{f.relative_to(folder)}: neither DICOM nor NIfTI (.nii/.nii.gz)")
             continue
         except Exception as e:  # EOF, bad lengths: pydicom raises several types
-            problems.append(f"{f.relative_to(folder)}: unreadable DICOM file ({e})")
+            problems.append(
+                f"{f.relative_to(folder)}: unreadable DICOM file, truncated or corrupt ({e})"
+            )
             continue
         if "PixelData" in ds:
             try:
