@@ -63,10 +63,12 @@ def volume() -> np.ndarray:
     return synthesize_volume((45, 38, 29), np.random.default_rng(11))[0]
 
 
-def _run(map_dir: Path, tmp: Path, inp: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def _run(
+    map_dir: Path, tmp: Path, inp: Path, via_env: bool = False
+) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp / "out"
     out.mkdir()
-    return run_map(map_dir, inp, out, offline=True), out
+    return run_map(map_dir, inp, out, offline=True, via_env=via_env), out
 
 
 def test_unshare_net_works_here() -> None:
@@ -151,6 +153,8 @@ def test_nifti_labels_equal_the_onnx_bundle_offline(
     nib.save(nib.Nifti1Image(volume, affine), tmp_path / "in" / "scan.nii.gz")
     proc, out = _run(map_dir, tmp_path, tmp_path / "in")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the MAP's own copy of clinbundle ran, not the checkout's
+    assert f"from {map_dir.resolve() / 'app' / 'clinbundle'}" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["scan_seg.nii.gz"]
     seg = nib.load(out / "scan_seg.nii.gz")
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
@@ -167,7 +171,7 @@ def test_dicom_series_gives_a_seg_with_the_source_geometry(
 ) -> None:
     geometry = oblique(20.0, spacing=(0.9, 0.6, 2.0), origin=(12.0, -40.0, 7.5))
     files = write_ct_series(volume, tmp_path / "in", geometry, SeriesInfo())
-    proc, out = _run(map_dir, tmp_path, tmp_path / "in")
+    proc, out = _run(map_dir, tmp_path, tmp_path / "in", via_env=True)  # HOLOSCAN_* variables
     assert proc.returncode == 0, proc.stderr[-3000:]
     segs = list(out.iterdir())
     assert len(segs) == 1 and segs[0].suffix == ".dcm"

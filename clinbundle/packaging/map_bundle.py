@@ -207,29 +207,31 @@ def run_map(
     output_dir: Path,
     offline: bool = False,
     timeout: float = APP_RUN_TIMEOUT_S,
+    via_env: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run the MAP's app as the MAP runtime does: `python app -i IN -o OUT -m models`.
 
     HOLOSCAN_CONFIG_PATH points at the context's app.yaml, the stack limit is raised to what
     holoscan wants, and `offline` runs it in a fresh network namespace (`unshare --net`, needs
-    root or user namespaces) to prove it needs no network.
+    root or user namespaces) to prove it needs no network. `via_env` passes the folders as
+    HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH instead, as a MAP runtime
+    does inside the container.
     """
     map_dir = Path(map_dir).resolve()
     if not (map_dir / "app" / "__main__.py").is_file():
         raise BundleError(f"{map_dir} is not a MAP build context (no app/__main__.py)")
-    cmd = [
-        sys.executable,
-        str(map_dir / "app"),
-        "-i",
-        str(Path(input_dir).resolve()),
-        "-o",
-        str(Path(output_dir).resolve()),
-        "-m",
-        str(map_dir / "models"),
-    ]
+    folders = {
+        "HOLOSCAN_INPUT_PATH": str(Path(input_dir).resolve()),
+        "HOLOSCAN_OUTPUT_PATH": str(Path(output_dir).resolve()),
+        "HOLOSCAN_MODEL_PATH": str(map_dir / "models"),
+    }
+    cmd = [sys.executable, str(map_dir / "app")]
+    if not via_env:
+        cmd += ["-i", folders.pop("HOLOSCAN_INPUT_PATH"), "-o", folders.pop("HOLOSCAN_OUTPUT_PATH")]
+        cmd += ["-m", folders.pop("HOLOSCAN_MODEL_PATH")]
     if offline:
         cmd = ["unshare", "--net", *cmd]
-    env = os.environ | {"HOLOSCAN_CONFIG_PATH": str(map_dir / "app.yaml")}
+    env = os.environ | {"HOLOSCAN_CONFIG_PATH": str(map_dir / "app.yaml")} | folders
     env.pop("PYTHONPATH", None)
     with tempfile.TemporaryDirectory(prefix="map-run-") as cwd:
         return subprocess.run(

@@ -32,6 +32,7 @@ from monai.deploy.operators.dicom_utils import ModelInfo
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+import clinbundle
 from clinbundle.apps.map_app.inputs import MapInputError, check_selection, scan_input
 from clinbundle.apps.map_app.operators import (
     BundleSegOperator,
@@ -119,10 +120,11 @@ class SegmentationApp(Application):
         context = Application.init_app_context(self.argv)
         input_path, output_path = Path(context.input_path), Path(context.output_path)
         config = app_config()
+        scan = scan_input(input_path)
         bundle = load_bundle(
             find_bundle(Path(context.model_path), config["model"]), config["device"]
         )
-        scan = scan_input(input_path)
+        log.info("clinbundle %s from %s", clinbundle.__version__, Path(clinbundle.__file__).parent)
         output_path.mkdir(parents=True, exist_ok=True)
         self.staging = output_path / f".partial-{os.getpid()}"
         self.staging.mkdir()
