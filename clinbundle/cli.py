@@ -207,6 +207,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_package_map(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.map_bundle import build_map
+
+    out, report = build_map(
+        _resolve(args),
+        Path(args.out),
+        device=args.device,
+        tolerances=_tolerances(args),
+        validation_limit=args.validation_volumes,
+        force=args.force,
+    )
+    print(f"parity: {report.summary()}")
+    print(out.resolve())
+    return 0
+
+
+def cmd_run_map(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.map_bundle import run_map
+
+    proc = run_map(Path(args.map), Path(args.input), Path(args.output), offline=args.offline)
+    print(proc.stdout, end="")
+    print(proc.stderr, end="", file=sys.stderr)
+    return proc.returncode
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from clinbundle.packaging.onnx_bundle import verify_bundle
 
@@ -321,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=3000)
     common(sv)
     sv.set_defaults(func=cmd_serve)
+
+    pm = formats.add_parser("map", help="MONAI Deploy MAP build context (DICOM/NIfTI app), parity")
+    pm.add_argument("--out", required=True, help="build context folder to create")
+    model_args(pm)
+    pm.set_defaults(func=cmd_package_map)
+
+    rm = sub.add_parser("run-map", help="run a MAP build context's app: python app -i -o -m")
+    rm.add_argument("map", help="folder made by `clinbundle package map`")
+    rm.add_argument("-i", "--input", required=True, help="DICOM series or NIfTI files")
+    rm.add_argument("-o", "--output", required=True, help="output folder (DICOM SEG / NIfTI)")
+    rm.add_argument("--offline", action="store_true", help="no network: unshare --net (root)")
+    rm.set_defaults(func=cmd_run_map)
 
     v = sub.add_parser("verify", help="check a bundle's hashes and re-run its sample parity")
     v.add_argument("bundle")

@@ -1,0 +1,395 @@
+"""Champion -> MONAI Deploy MAP build context, proven by running the app as a real process.
+
+    resolve model -> ONNX bundle into models/<name>/ (its own ONNX parity gate)
+    -> app/ (the MAP app + the clinbundle package it imports) -> app.yaml, map/app.json,
+       map/pkg.json, pip/requirements.txt, Dockerfile
+    -> run `python app -i -o -m` on the parity suite as NIfTI files and on a synthetic DICOM
+       series; labels read back (nibabel, highdicom) vs PyTorch with `check_parity`
+    -> parity report, manifest -> rename into place                 (any failure: nothing)
+
+The layout is the one `monai-deploy package` (holoscan-cli 4.2) builds, written here instead of
+driving the packager: the packager downloads a versions manifest from the internet, needs
+`docker buildx` and has no dry-run. The manifests are made by holoscan-cli's own
+`ApplicationConfiguration` from app.yaml, so they are what the packager would write.
+
+Context layout (image paths in brackets):
+
+    Dockerfile                  ARG BASE_IMAGE (CUDA); user holoscan (uid 1000)
+    app/                        [/opt/holoscan/app] __main__.py + vendored clinbundle package
+    models/<name>/              [/opt/holoscan/models/<name>] the ONNX bundle
+    app.yaml                    [/var/holoscan/app.yaml] application, resources, clinbundle
+    map/app.json, map/pkg.json  [/etc/holoscan/app.json, /etc/holoscan/pkg.json]
+    pip/requirements.txt        pinned: what passed parity here
+    parity/                     parity_report.{json,md}
+    manifest.json, README.md
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import yaml
+
+import clinbundle
+from clinbundle.errors import BundleError, ParityError
+from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
+from clinbundle.packaging.dicom_synth import SeriesInfo, oblique, quantize_hu, write_ct_series
+from clinbundle.packaging.model_source import ResolvedModel
+from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_cases
+from clinbundle.packaging.parity import (
+    ParityCase,
+    ParityReport,
+    Tolerances,
+    check_parity,
+    record_parity,
+)
+from clinbundle.packaging.runtimes import Runtime, torch_runtime
+
+log = logging.getLogger("clinbundle.map")
+
+SDK_VERSION = "4.0.0"
+#: A CUDA 13 runtime image (holoscan-cu13 needs libcudart.so.13); override with --build-arg.
+DEFAULT_BASE_IMAGE = "nvcr.io/nvidia/cuda:13.0.1-runtime-ubuntu24.04"
+DICOM_CASE = "odd"  # the parity case that is also sent as a DICOM series
+STACK_BYTES = 32 * 1024 * 1024  # holoscan warns (and may crash) below a 32 MiB stack
+APP_RUN_TIMEOUT_S = 600
+
+
+def _requirement_lines() -> list[str]:
+    """clinbundle's own dependencies and its `map` extra, pinned at the installed versions."""
+    from packaging.requirements import Requirement
+
+    lines = []
+    for spec in md.requires("clinbundle") or []:
+        req = Requirement(spec)
+        if req.marker and not req.marker.evaluate({"extra": "map"}):
+            continue
+        version = md.version(req.name).split("+")[0]  # torch 2.13.0+cpu -> the build fits the image
+        lines.append(f"{req.name}=={version}")
+    return sorted(set(lines), key=str.lower)
+
+
+def write_app(dest: Path) -> Path:
+    """app/: the launcher plus a copy of the installed clinbundle package it imports.
+
+    Vendoring the package (not a wheel) keeps the build free of build tools and network, and
+    `python app/` puts app/ first on sys.path, so the copy in the MAP is the code that ran the
+    parity check below.
+    """
+    src = Path(clinbundle.__file__).parent
+    shutil.copytree(src, dest / "clinbundle", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(src / "apps" / "map_app" / "__main__.py", dest / "__main__.py")
+    return dest
+
+
+def app_config(model: ResolvedModel, title: str) -> dict:
+    """app.yaml: the packager's `application` + `resources`, and the app's own settings."""
+    return {
+        "application": {
+            "title": title,
+            "version": f"{model.version or '0'}.0.0",
+            "input-formats": ["file"],
+            "output-formats": ["file"],
+        },
+        # The app runs ONNX Runtime on the CPU build pinned in requirements.txt; a GPU helps
+        # nothing but the holoscan runtime, which starts without one.
+        "resources": {"cpu": 2, "gpu": 0, "memory": "4Gi"},
+        "clinbundle": {
+            "model": model.name,
+            "device": "auto",
+            # DICOMSeriesSelectorOperator rules: exactly one series must match per run
+            "series-selection": {
+                "selections": [
+                    {
+                        "name": "CT volume",
+                        "conditions": {"Modality": "(?i)CT", "ImageType": ["PRIMARY"]},
+                    }
+                ]
+            },
+        },
+    }
+
+
+def write_manifests(ctx: Path, model_name: str) -> tuple[dict, dict]:
+    """map/app.json and map/pkg.json, made by holoscan-cli 4.2 from app.yaml like the packager."""
+    from holoscan_cli.common.enum_types import SdkType
+    from holoscan_cli.packager.config_reader import ApplicationConfiguration
+    from holoscan_cli.packager.parameters import PackageBuildParameters
+
+    params = PackageBuildParameters()
+    params.application = ctx / "app"  # a folder with __main__.py: a Python module app
+    params.models = {model_name: ctx / "models" / model_name}
+    params.sdk = SdkType.MonaiDeploy
+    config = ApplicationConfiguration()
+    config.read(ctx / "app.yaml")
+    app_manifest = config.populate_app_manifest(params)
+    app_manifest.sdk = SdkType.MonaiDeploy.value
+    app_manifest.sdk_version = SDK_VERSION
+    pkg_manifest = config.populate_package_manifest(params)
+    (ctx / "map").mkdir()
+    app_json, pkg_json = app_manifest.data, json.loads(json.dumps(pkg_manifest.data, default=str))
+    (ctx / "map" / "app.json").write_text(json.dumps(app_json, indent=2) + "\n")
+    (ctx / "map" / "pkg.json").write_text(json.dumps(pkg_json, indent=2) + "\n")
+    return app_json, pkg_json
+
+
+def dockerfile(app_json: dict, model_name: str, title: str, version: str) -> str:
+    """The image layout of a MAP (holoscan-cli's Dockerfile.jinja2, without its build stages)."""
+    env = app_json["environment"]
+    work = app_json["workingDirectory"]
+    lines = [
+        "# MONAI Deploy Application Package made by `clinbundle package map`.",
+        "# docker build -t NAME . ; docker run --rm --ulimit stack=33554432 \\",
+        "#   -v IN:/var/holoscan/input -v OUT:/var/holoscan/output NAME",
+        f"ARG BASE_IMAGE={DEFAULT_BASE_IMAGE}",
+        "FROM ${BASE_IMAGE}",
+        "ARG UNAME=holoscan",
+        "ARG UID=1000",
+        "ARG GID=1000",
+        "ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1",
+        "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \\",
+        "    && rm -rf /var/lib/apt/lists/*",
+        f'LABEL org.opencontainers.image.title="{title}"',
+        f'LABEL org.opencontainers.image.version="{version}"',
+        f'LABEL org.monai.deploy.app-sdk="{SDK_VERSION}"',
+        "# uid 1000 may be taken by the base image's default user (ubuntu)",
+        "RUN (userdel -r ubuntu 2>/dev/null || true) && groupadd -f -g $GID $UNAME \\",
+        "    && useradd -m -d /home/$UNAME -s /bin/bash -g $GID -u $UID $UNAME",
+        f"RUN mkdir -p /etc/holoscan {env['HOLOSCAN_APPLICATION']} {env['HOLOSCAN_MODEL_PATH']} \\",
+        f"    {work}/input {work}/output {env['HOLOSCAN_LOGS_PATH']} \\",
+        f"    && chown -R $UID:$GID {work}",
+        f"ENV HOLOSCAN_INPUT_PATH={work}/input",
+        f"ENV HOLOSCAN_OUTPUT_PATH={work}/output",
+        *(
+            f"ENV {k}={v}"
+            for k, v in env.items()
+            if k not in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH")
+        ),
+        "COPY pip/requirements.txt /tmp/requirements.txt",
+        "RUN python3 -m venv /opt/holoscan/venv \\",
+        "    && /opt/holoscan/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt",
+        "ENV PATH=/opt/holoscan/venv/bin:$PATH",
+        f"COPY models/{model_name} {env['HOLOSCAN_MODEL_PATH']}/{model_name}",
+        f"COPY map/app.json {env['HOLOSCAN_APP_MANIFEST_PATH']}",
+        f"COPY map/pkg.json {env['HOLOSCAN_PKG_MANIFEST_PATH']}",
+        f"COPY app.yaml {env['HOLOSCAN_CONFIG_PATH']}",
+        f"COPY app {env['HOLOSCAN_APPLICATION']}",
+        "USER $UNAME",
+        f"WORKDIR {work}",
+        f"ENTRYPOINT {json.dumps(json.loads(app_json['command']))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _raise_stack_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = STACK_BYTES if hard == resource.RLIM_INFINITY else min(STACK_BYTES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+
+
+def run_map(
+    map_dir: Path,
+    input_dir: Path,
+    output_dir: Path,
+    offline: bool = False,
+    timeout: float = APP_RUN_TIMEOUT_S,
+    via_env: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run the MAP's app as the MAP runtime does: `python app -i IN -o OUT -m models`.
+
+    HOLOSCAN_CONFIG_PATH points at the context's app.yaml, the stack limit is raised to what
+    holoscan wants, and `offline` runs it in a fresh network namespace (`unshare --net`, needs
+    root or user namespaces) to prove it needs no network. `via_env` passes the folders as
+    HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH instead, as a MAP runtime
+    does inside the container.
+    """
+    map_dir = Path(map_dir).resolve()
+    if not (map_dir / "app" / "__main__.py").is_file():
+        raise BundleError(f"{map_dir} is not a MAP build context (no app/__main__.py)")
+    folders = {
+        "HOLOSCAN_INPUT_PATH": str(Path(input_dir).resolve()),
+        "HOLOSCAN_OUTPUT_PATH": str(Path(output_dir).resolve()),
+        "HOLOSCAN_MODEL_PATH": str(map_dir / "models"),
+    }
+    cmd = [sys.executable, str(map_dir / "app")]
+    if not via_env:
+        cmd += ["-i", folders.pop("HOLOSCAN_INPUT_PATH"), "-o", folders.pop("HOLOSCAN_OUTPUT_PATH")]
+        cmd += ["-m", folders.pop("HOLOSCAN_MODEL_PATH")]
+    if offline:
+        cmd = ["unshare", "--net", *cmd]
+    env = os.environ | {"HOLOSCAN_CONFIG_PATH": str(map_dir / "app.yaml")} | folders
+    env.pop("PYTHONPATH", None)
+    with tempfile.TemporaryDirectory(prefix="map-run-") as cwd:
+        return subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_raise_stack_limit,
+            check=False,
+        )
+
+
+def _checked_run(map_dir: Path, input_dir: Path, output_dir: Path) -> float:
+    t0 = time.perf_counter()
+    proc = run_map(map_dir, input_dir, output_dir)
+    if proc.returncode != 0:
+        raise ParityError(
+            f"the MAP app failed (exit {proc.returncode}) on {input_dir.name}; "
+            f"no MAP was written:\n{proc.stderr[-4000:]}"
+        )
+    return time.perf_counter() - t0
+
+
+def read_seg_labels(seg_path: Path, source_files: list[Path]) -> np.ndarray:
+    """A DICOM SEG back to [i, j, k] labels, frames matched to the source slices by UID."""
+    import highdicom as hd
+    from pydicom import dcmread
+
+    seg = hd.seg.segread(seg_path)
+    uids = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source_files]
+    segments = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    kji = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=segments, combine_segments=True
+    )
+    return np.transpose(np.asarray(kji), (2, 1, 0)).astype(np.int64)
+
+
+def map_parity(
+    map_dir: Path,
+    reference: Runtime,
+    cases: list[ParityCase],
+    model: ResolvedModel,
+    tolerances: Tolerances,
+) -> ParityReport:
+    """Run the app (one process per input kind) and compare its labels with PyTorch."""
+    outputs: dict[int, np.ndarray] = {}
+    seconds: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="map-parity-") as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "nifti_in").mkdir()
+        names = {}
+        for c, case in enumerate(cases):
+            for n, volume in enumerate(case.volume[:, 0]):
+                name = f"case{c}_{n}"
+                names[name] = (c, n)
+                nib.save(
+                    nib.Nifti1Image(volume, np.diag([0.8, 0.7, 1.5, 1.0])),
+                    tmp / "nifti_in" / f"{name}.nii.gz",
+                )
+        t = _checked_run(map_dir, tmp / "nifti_in", tmp / "nifti_out")
+        for c, case in enumerate(cases):
+            labels = [
+                np.asarray(nib.load(tmp / "nifti_out" / f"case{c}_{n}_seg.nii.gz").dataobj)
+                for n in range(case.volume.shape[0])
+            ]
+            outputs[id(case.volume)] = np.stack(labels).astype(np.int64)
+            seconds[id(case.volume)] = t / len(cases)
+
+        # the same awkward volume as a DICOM series, at the whole-HU precision DICOM stores
+        source = next(c for c in cases if c.name == DICOM_CASE)
+        volume = quantize_hu(source.volume[0, 0])
+        files = write_ct_series(volume, tmp / "dicom_in", oblique(), SeriesInfo())
+        t = _checked_run(map_dir, tmp / "dicom_in", tmp / "dicom_out")
+        segs = list((tmp / "dicom_out").glob("*.dcm"))
+        if len(segs) != 1:
+            raise ParityError(f"the MAP app wrote {len(segs)} DICOM SEG files, expected 1")
+        dicom_case = ParityCase(f"dicom:{DICOM_CASE}", volume[None, None], "CT series -> DICOM SEG")
+        outputs[id(dicom_case.volume)] = read_seg_labels(segs[0], files)[None]
+        seconds[id(dicom_case.volume)] = t
+
+    candidate = Runtime(
+        lambda v: outputs[id(v)],
+        f"MAP app process (monai-deploy-app-sdk {SDK_VERSION}, ONNX bundle); labels from "
+        "NIfTI / DICOM SEG files (time: share of the app process)",
+    )
+    report = check_parity(
+        reference, candidate, [*cases, dicom_case], model.contract, tolerances, "map"
+    )
+    for result in report.cases:  # the app ran all cases of a kind in one process
+        match = next(c for c in [*cases, dicom_case] if c.name == result.name)
+        result.time_candidate_s = seconds[id(match.volume)]
+    return report
+
+
+def build_map(
+    model: ResolvedModel,
+    out: Path,
+    device: str = "auto",
+    tolerances: Tolerances | None = None,
+    validation_limit: int = 2,
+    force: bool = False,
+    record: bool = True,
+) -> tuple[Path, ParityReport]:
+    """Write a MAP build context for `model`; ParityError (and nothing written) on a breach."""
+    tol = tolerances or Tolerances.for_precision("fp32")
+    name = model.name or "model"
+    title = f"clinbundle {name} segmentation"
+    reference = torch_runtime(model.load_network(), model.contract, "cpu")
+    cases = parity_cases(model, validation_limit)
+    with staged_folder(out, force=force) as tmp:
+        build_onnx_bundle(
+            model,
+            tmp / "models" / name,
+            device=device,
+            tolerances=tol,
+            validation_limit=validation_limit,
+            record=False,
+        )
+        write_app(tmp / "app")
+        config = app_config(model, title)
+        (tmp / "app.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "pip").mkdir()
+        (tmp / "pip" / "requirements.txt").write_text(
+            "# Pinned to the versions that passed the MAP parity check (clinbundle + [map]).\n"
+            + "\n".join(_requirement_lines())
+            + "\n"
+        )
+        app_json, _pkg = write_manifests(tmp, name)
+        (tmp / "Dockerfile").write_text(
+            dockerfile(app_json, name, title, config["application"]["version"])
+        )
+
+        report = map_parity(tmp, reference, cases, model, tol)
+        report.model = {
+            "uri": model.uri,
+            "name": name,
+            "version": model.version,
+            "run_id": model.run_id,
+        }
+        if record:
+            record_parity(report, model, tmp / "parity")
+        else:
+            report.write(tmp / "parity")
+        if not report.passed:
+            raise ParityError(
+                f"MAP parity failed for {model.label}: {report.summary()}; failing cases: "
+                f"{', '.join(report.overall()['failed_cases'])}. No MAP was written. "
+                f"Report: {report.to_markdown()}"
+            )
+        for leftover in tmp.rglob("__pycache__"):  # the parity runs compiled the vendored copy
+            shutil.rmtree(leftover)
+        extra = {
+            "sdk": "monai-deploy",
+            "sdk_version": SDK_VERSION,
+            "base_image": DEFAULT_BASE_IMAGE,
+        }
+        write_manifest(tmp, build_manifest(tmp, "map", model, report, extra))
+    log.info("MAP build context %s: %s", out, report.summary())
+    return out, report

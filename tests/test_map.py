@@ -1,0 +1,272 @@
+"""The MONAI Deploy MAP: build context, the app as a real process on NIfTI and DICOM, bad input.
+
+One MAP is built per module from the session champion (through the CLI) and its app is run as
+the MAP runtime runs it (`python app -i -o -m`), offline (`unshare --net`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from pydicom import dcmread
+
+from clinbundle.cli import main
+from clinbundle.packaging.bundle import check_hashes, read_manifest
+from clinbundle.packaging.dicom_synth import (
+    SeriesInfo,
+    oblique,
+    quantize_hu,
+    write_ct_series,
+)
+from clinbundle.packaging.map_bundle import read_seg_labels, run_map
+from clinbundle.packaging.onnx_bundle import load_bundle
+from clinbundle.packaging.parity import ParityCase, Tolerances, check_parity
+from clinbundle.packaging.runtimes import Runtime, torch_runtime
+from clinbundle.training.synth import synthesize_volume
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def map_dir(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    t = packaged.trained
+    out = tmp_path_factory.mktemp("map") / "ctx"
+    rc = main(
+        [
+            "package",
+            "map",
+            "--model",
+            f"models:/{t.name}@champion",
+            "--out",
+            str(out),
+            "--workdir",
+            str(t.workdir),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    """An awkward shape (no multiple of 8 or of the roi), raw CT-like intensities."""
+    return synthesize_volume((45, 38, 29), np.random.default_rng(11))[0]
+
+
+def _run(
+    map_dir: Path, tmp: Path, inp: Path, via_env: bool = False
+) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp / "out"
+    out.mkdir()
+    return run_map(map_dir, inp, out, offline=True, via_env=via_env), out
+
+
+def test_unshare_net_works_here() -> None:
+    """The offline runs below rely on a network namespace; say so if this machine has none."""
+    proc = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+    assert proc.returncode == 0, f"unshare --net is not available: {proc.stderr}"
+
+
+def test_build_context_follows_the_map_layout(map_dir: Path, packaged) -> None:
+    from holoscan_cli.packager.config_reader import ApplicationConfiguration
+
+    name = packaged.model.name
+    for rel in ("app/__main__.py", "app/clinbundle/apps/map_app/app.py", "Dockerfile"):
+        assert (map_dir / rel).is_file(), rel
+    assert (map_dir / "models" / name / "model.onnx").is_file()
+    assert not list(map_dir.rglob("__pycache__"))
+
+    config = ApplicationConfiguration()
+    config.read(map_dir / "app.yaml")  # the packager's own validation: application + resources
+    app_yaml = yaml.safe_load((map_dir / "app.yaml").read_text())
+    assert app_yaml["application"]["input-formats"] == ["file"]
+    assert app_yaml["resources"]["memory"]
+    assert app_yaml["clinbundle"]["series-selection"]["selections"]
+
+    app = json.loads((map_dir / "map" / "app.json").read_text())
+    assert json.loads(app["command"]) == ["python3", "/opt/holoscan/app"]
+    env = app["environment"]
+    assert env["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models"
+    assert env["HOLOSCAN_CONFIG_PATH"] == "/var/holoscan/app.yaml"
+    assert env["HOLOSCAN_APP_MANIFEST_PATH"] == "/etc/holoscan/app.json"
+    assert app["input"]["path"] == "input/" and app["output"]["path"] == "output/"
+    assert app["workingDirectory"] == "/var/holoscan"
+    assert app["sdk"] == "monai-deploy" and app["sdkVersion"] == "4.0.0"
+
+    pkg = json.loads((map_dir / "map" / "pkg.json").read_text())
+    assert pkg["applicationRoot"] == "/opt/holoscan/app"
+    assert pkg["models"] == {name: f"/opt/holoscan/models/{name}"}
+    assert pkg["resources"] == app_yaml["resources"]
+
+    reqs = (map_dir / "pip" / "requirements.txt").read_text().splitlines()
+    pins = dict(r.split("==") for r in reqs if r and not r.startswith("#"))
+    assert pins["monai-deploy-app-sdk"] == "4.0.0"
+    assert pins["holoscan-cu13"] == "4.2.0" and pins["holoscan-cli"] == "4.2.0"
+    assert {"torch", "onnxruntime", "highdicom", "pydicom", "nibabel"} <= set(pins)
+
+    docker = (map_dir / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=" in docker and "FROM ${BASE_IMAGE}" in docker
+    for line in (
+        "COPY map/app.json /etc/holoscan/app.json",
+        "COPY map/pkg.json /etc/holoscan/pkg.json",
+        "COPY app.yaml /var/holoscan/app.yaml",
+        "COPY app /opt/holoscan/app",
+        f"COPY models/{name} /opt/holoscan/models/{name}",
+        "ENV HOLOSCAN_INPUT_PATH=/var/holoscan/input",
+        "ENV HOLOSCAN_OUTPUT_PATH=/var/holoscan/output",
+        "ARG UID=1000",
+        "USER $UNAME",
+        'ENTRYPOINT ["python3", "/opt/holoscan/app"]',
+    ):
+        assert line in docker, line
+    assert "ARG UNAME=holoscan" in docker
+
+    manifest = read_manifest(map_dir)
+    assert manifest["format"] == "map" and check_hashes(map_dir, manifest) == []
+    report = json.loads((map_dir / "parity" / "parity_report.json").read_text())
+    assert report["passed"] and report["format"] == "map"
+    names = [c["name"] for c in report["cases"]]
+    assert "dicom:odd" in names and "batch2" in names
+    mv = mlflow.tracking.MlflowClient().get_model_version(
+        packaged.model.name, packaged.model.version
+    )
+    assert mv.tags["parity_map"].startswith("pass")
+
+
+def test_nifti_labels_equal_the_onnx_bundle_offline(
+    map_dir: Path, packaged, volume: np.ndarray, tmp_path: Path
+) -> None:
+    affine = np.array(
+        [[0.0, -0.7, 0.0, 10.0], [0.8, 0.0, 0.0, -5.0], [0.0, 0.0, 1.5, 2.0], [0, 0, 0, 1]]
+    )
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "in" / "scan.nii.gz")
+    proc, out = _run(map_dir, tmp_path, tmp_path / "in")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the MAP's own copy of clinbundle ran, not the checkout's
+    assert f"from {map_dir.resolve() / 'app' / 'clinbundle'}" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["scan_seg.nii.gz"]
+    seg = nib.load(out / "scan_seg.nii.gz")
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    labels = np.asarray(seg.dataobj)
+    bundle = load_bundle(map_dir / "models" / packaged.model.name, "cpu")
+    expected = bundle.predict(volume[None, None])[0].argmax(0)
+    assert labels.shape == volume.shape
+    assert labels.sum() > 0, "an empty mask would make this comparison meaningless"
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_dicom_series_gives_a_seg_with_the_source_geometry(
+    map_dir: Path, packaged, volume: np.ndarray, tmp_path: Path
+) -> None:
+    geometry = oblique(20.0, spacing=(0.9, 0.6, 2.0), origin=(12.0, -40.0, 7.5))
+    files = write_ct_series(volume, tmp_path / "in", geometry, SeriesInfo())
+    proc, out = _run(map_dir, tmp_path, tmp_path / "in", via_env=True)  # HOLOSCAN_* variables
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    segs = list(out.iterdir())
+    assert len(segs) == 1 and segs[0].suffix == ".dcm"
+
+    seg = hd.seg.segread(segs[0])
+    model = packaged.model
+    assert seg.SegmentSequence[0].SegmentLabel == model.contract.labels["1"]
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == model.name
+    equipment = seg.ContributingEquipmentSequence[0]
+    assert equipment.ManufacturerModelName == model.name
+    assert equipment.SoftwareVersions == str(model.version)
+
+    # geometry: one frame per source slice, same positions, orientation, spacing
+    sources = [dcmread(f, stop_before_pixels=True) for f in files]
+    assert int(seg.NumberOfFrames) == len(sources) * (model.contract.num_classes - 1)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose(
+        shared.PlaneOrientationSequence[0].ImageOrientationPatient,
+        sources[0].ImageOrientationPatient,
+        atol=1e-6,
+    )
+    measures = shared.PixelMeasuresSequence[0]
+    np.testing.assert_allclose(measures.PixelSpacing, sources[0].PixelSpacing)
+    np.testing.assert_allclose(float(measures.SliceThickness), float(sources[0].SliceThickness))
+    frame_positions = sorted(
+        tuple(np.round(f.PlanePositionSequence[0].ImagePositionPatient, 4))
+        for f in seg.PerFrameFunctionalGroupsSequence
+    )
+    source_positions = sorted(tuple(np.round(s.ImagePositionPatient, 4)) for s in sources)
+    assert frame_positions == source_positions
+    assert (seg.Rows, seg.Columns) == (sources[0].Rows, sources[0].Columns)
+
+    # content: the SEG's segment matches PyTorch on the stored (whole-HU) volume
+    labels = read_seg_labels(segs[0], files)
+    stored = quantize_hu(volume)[None, None]
+    reference = torch_runtime(model.load_network(), model.contract, "cpu")
+    report = check_parity(
+        reference,
+        Runtime(lambda _v: labels[None], "DICOM SEG from the MAP app"),
+        [ParityCase("dicom", stored)],
+        model.contract,
+        Tolerances(),
+        "map-test",
+    )
+    assert report.passed, report.to_markdown()
+    assert labels.sum() > 0
+
+
+def _mr_series(volume: np.ndarray, folder: Path) -> None:
+    write_ct_series(volume, folder, info=SeriesInfo(modality="MR", series_description="T1"))
+
+
+BAD_INPUTS = {
+    "empty": (lambda v, d: d.mkdir(), "is empty"),
+    "not_dicom_or_nifti": (
+        lambda v, d: (
+            d.mkdir(),
+            (d / "notes.txt").write_text("hello"),
+            (d / "scan.png").write_bytes(b"\x89PNG\r\n"),
+        ),
+        "neither DICOM nor NIfTI",
+    ),
+    "series_not_selected": (_mr_series, "no DICOM series matches"),
+    "mixed_series": (
+        lambda v, d: (
+            write_ct_series(v, d / "a", info=SeriesInfo(series_number=1)),
+            write_ct_series(v, d / "b", info=SeriesInfo(series_number=2)),
+        ),
+        "2 DICOM series match",
+    ),
+    "truncated_dicom": (
+        lambda v, d: (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))(
+            write_ct_series(v, d)[5]
+        ),
+        "truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_writes_nothing(
+    map_dir: Path, volume: np.ndarray, tmp_path: Path, case: str
+) -> None:
+    make, message = BAD_INPUTS[case]
+    make(volume[:, :, :12], tmp_path / "in")
+    proc, out = _run(map_dir, tmp_path, tmp_path / "in")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert list(out.iterdir()) == [], "a failed run must leave the output folder empty"
+
+
+def test_run_map_cli_reports_the_exit_code(map_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    rc = main(["run-map", str(map_dir), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+    assert rc == 2
+    assert "is empty" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
