@@ -1,0 +1,1 @@
+"""Interactive apps on top of the packaged models (the reviewer demo)."""
