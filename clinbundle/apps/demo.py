@@ -254,7 +254,9 @@ def pytorch_runtime(model: Any, device: str = "auto") -> DemoRuntime:
         )
     runtime = torch_runtime(model.load_network(), model.contract, device)
     tags = model.version_tags
-    held_out = {k.removeprefix("promotion_"): v for k, v in tags.items() if k.startswith("promo")}
+    held_out = {
+        k.removeprefix("promotion_"): v for k, v in tags.items() if k.startswith("promotion_")
+    }
     info = ModelInfo(
         name=model.name,
         version=model.version,
