@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -436,6 +437,10 @@ class ReviewerDemo:
         self.samples = samples
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
+        # Gradio runs handlers in worker threads: two reviewers flagging at once must not both
+        # take the same review_<n> (reviews from other processes can still race; the artifact,
+        # named by its timestamp, is never lost).
+        self._flag_lock = threading.Lock()
 
     @property
     def default_runtime(self) -> str:
@@ -506,7 +511,8 @@ class ReviewerDemo:
             "model": {"name": rt.info.name, "version": rt.info.version, "run_id": rt.info.run_id},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        return record_review(rt.info, review)
+        with self._flag_lock:
+            return record_review(rt.info, review)
 
 
 # --------------------------------------------------------------------------- Gradio wiring
