@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install quickstart test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The reviewer demo's browser test drives Debian's chromium (never a browser downloaded by
+# playwright). Installed here when missing and apt-get exists (CI starts from a bare machine);
+# elsewhere install chromium yourself and point CHROMIUM_PATH at it.
+CHROMIUM_PATH ?= /usr/bin/chromium
+system-deps:
+	@if [ -x "$(CHROMIUM_PATH)" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser test"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends chromium \
+		|| { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update \
+			&& $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends chromium; }; \
+	else echo "warning: no $(CHROMIUM_PATH) and no apt-get: the browser test will fail; install chromium and set CHROMIUM_PATH"; fi
+
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)

@@ -240,6 +240,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clinbundle.apps.demo import run_demo
+
+    bundle, samples = (Path(p) if p else None for p in (args.bundle, args.samples))
+    run_demo(
+        _workdir(args),
+        args.model,
+        bundle,
+        args.endpoint,
+        args.name,
+        args.device,
+        args.port,
+        samples,
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from clinbundle.training.config import config_to_yaml, load_config
 
@@ -364,6 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common(v)
     v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="Gradio reviewer demo on 127.0.0.1 (model, bundle or bento)")
+    d.add_argument("--model", help="registered model for the PyTorch runtime (as for package)")
+    d.add_argument("--bundle", help="ONNX bundle folder for the ONNX runtime")
+    d.add_argument("--endpoint", help="URL of a running bento service (POST /segment)")
+    d.add_argument("--name", default="vessel-seg", help="registered model name for short forms")
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--samples", help="MSD folder whose held-out pairs are the samples")
+    common(d)
+    d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="print the resolved training config")
     overrides(c)

@@ -1,0 +1,814 @@
+"""`clinbundle demo`: a Gradio page where a reviewer looks at what a model does before it ships.
+
+    input  (bundled synthetic sample | uploaded NIfTI / .npy)
+      -> runtime (PyTorch model from the registry | ONNX bundle | bento endpoint over HTTP)
+      -> three slice views with label overlay, Dice when the sample has a ground truth
+      -> model card, parity report, inference time, execution provider actually used
+      -> download the labels as NIfTI; flag the case: stored on the model version in MLflow
+
+PyTorch and ONNX go through `Runtime.run`, the shared sliding-window path of every format, so
+the reviewer sees exactly what the packaged model does; the endpoint runtime goes through the
+bento service's own HTTP API (`POST /segment`, `GET /metadata`).
+
+The logic lives in `ReviewerDemo` (plain Python, testable without a browser); `build_app`
+only wires it to Gradio components.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from clinbundle.apps.render import VIEW_AXIS, VIEWS, dice_per_label, display_window, render_slice
+from clinbundle.errors import ClinbundleError, InputError
+
+log = logging.getLogger("clinbundle.demo")
+
+SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".npy")
+MAX_VOXELS = 256**3  # larger uploads would take minutes on a CPU: refuse them clearly
+SAMPLE_SHAPE = (64, 64, 64)
+SAMPLE_SEED = 7
+VERDICTS = ("looks right", "minor issues", "wrong")
+ENDPOINT_FIELD = "file"  # multipart field of the bento service's POST /segment
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Case:
+    """One volume on screen: image, optional ground truth, and the last prediction."""
+
+    name: str
+    image: np.ndarray  # float32 (D, H, W), raw intensities
+    affine: np.ndarray
+    sha256: str
+    truth: np.ndarray | None = None
+    prediction: np.ndarray | None = None
+    runtime: str | None = None
+    seconds: float | None = None
+    dice: dict[str, float] = field(default_factory=dict)
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        self.window = display_window(self.image)
+
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    return next((s for s in SUPPORTED_SUFFIXES if lower.endswith(s)), "")
+
+
+def read_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+    """A 3-D numeric array and its affine from .nii/.nii.gz/.npy; InputError says what is wrong.
+
+    Singleton axes beyond the third (a 4-D NIfTI with one time point) are dropped; anything
+    else that is not 3-D, not numeric, not finite, empty or too large is refused here, before
+    it reaches a runtime, so the message names the file and not a tensor deep in MONAI.
+    """
+    path = Path(path)
+    label = path.name
+    suffix = _suffix(label)
+    if not suffix:
+        raise InputError(
+            f"{label}: not a NIfTI (.nii, .nii.gz) or NumPy (.npy) file; upload one of those"
+        )
+    try:
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            affine = np.eye(4)
+        else:
+            img = nib.load(path)
+            array = np.asanyarray(img.dataobj)
+            affine = np.asarray(img.affine, dtype=float)
+    except Exception as e:  # nibabel/numpy raise many types for corrupt or truncated files
+        kind = "NumPy .npy" if suffix == ".npy" else "NIfTI"
+        raise InputError(f"{label}: cannot read it as {kind} ({type(e).__name__}: {e})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise InputError(f"{label}: holds {getattr(array, 'dtype', '?')} data, not numbers")
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(
+            f"{label}: expected a 3-D {what}, got a {array.ndim}-D array of shape {array.shape}"
+        )
+    if min(array.shape) < 1:
+        raise InputError(f"{label}: has an empty axis (shape {array.shape})")
+    if array.size > MAX_VOXELS:
+        raise InputError(
+            f"{label}: {array.size:,} voxels is more than this demo runs ({MAX_VOXELS:,}); "
+            "crop or downsample it"
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise InputError(f"{label}: holds {bad} NaN or Inf value(s); fix or mask them first")
+    return array, affine
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def load_case(image_path: Path, label_path: Path | None = None, name: str | None = None) -> Case:
+    """Read an image (and its ground truth) into a Case; shapes must agree."""
+    image, affine = read_volume(image_path)
+    truth = None
+    if label_path is not None:
+        truth, _ = read_volume(label_path, "label volume")
+        if truth.shape != image.shape:
+            raise InputError(
+                f"{Path(label_path).name}: label shape {truth.shape} differs from image "
+                f"shape {image.shape}"
+            )
+        truth = truth.astype(np.uint8)
+    image = image.astype(np.float32)
+    return Case(name or Path(image_path).name, image, affine, _sha256(image), truth)
+
+
+def ensure_samples(workdir: Path, samples: Path | None = None) -> dict[str, tuple[Path, Path]]:
+    """Sample name -> (image, label): the held-out pairs of an MSD folder.
+
+    Without `samples`, the synthetic set is generated once into WORKDIR/demo/samples (same
+    seed, same bytes), so the demo needs no download and commits no data.
+    """
+    from clinbundle.training.synth import write_dataset
+
+    root = samples or workdir / "demo" / "samples"
+    if samples is None and not (root / "dataset.json").is_file():
+        started = time.perf_counter()
+        write_dataset(root, n=2, n_test=3, shape=SAMPLE_SHAPE, seed=SAMPLE_SEED)
+        log.info(
+            "generated the synthetic sample volumes in %s (%.1f s)",
+            root,
+            time.perf_counter() - started,
+        )
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{root}: no readable dataset.json ({e}); give an MSD folder") from None
+    pairs = [e for e in meta.get("test", []) if isinstance(e, dict) and "label" in e]
+    source = "held-out"
+    if not pairs:
+        pairs, source = meta.get("training", []), "training"
+    found = {}
+    for entry in pairs:
+        image, label = root / entry["image"], root / entry["label"]
+        if image.is_file() and label.is_file():
+            found[_case_name(image)] = (image, label)
+    if not found:
+        raise InputError(f"{root}: dataset.json lists no image/label pairs that exist")
+    log.info("%d sample volumes (%s pairs of %s)", len(found), source, root)
+    return found
+
+
+def _case_name(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$|\.npy$", "", path.name)
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+@dataclass
+class ModelInfo:
+    """What the side panel shows and where a review is stored."""
+
+    name: str | None
+    version: str | None
+    run_id: str | None
+    uri: str
+    metrics: list[tuple[str, str, str]]  # (set and metric, value, 95% CI)
+    parity_markdown: str
+    model_card: str = ""
+
+    def card_markdown(self) -> str:
+        title = f"{self.name or 'model'} v{self.version or '?'}"
+        rows = "\n".join(f"| {m} | {v} | {ci} |" for m, v, ci in self.metrics) or (
+            "| no metrics recorded | - | - |"
+        )
+        return (
+            f"### {title}\n\nmodel `{self.uri}`  \nrun `{self.run_id or 'unknown'}`\n\n"
+            f"| metric | value | 95% CI |\n|---|---|---|\n{rows}\n"
+        )
+
+
+def _metric_rows(best: dict, held_out: dict) -> list[tuple[str, str, str]]:
+    rows = [
+        (f"validation {k} (best epoch)", f"{float(v):.4f}", "-") for k, v in sorted(best.items())
+    ]
+    if "mean" in held_out:
+        lo, hi = [*str(held_out.get("ci95", "nan,nan")).split(","), "nan"][:2]
+        rows.append(
+            (
+                f"held-out {held_out.get('metric', '?')}",
+                f"{float(held_out['mean']):.4f}",
+                f"{float(lo):.4f} .. {float(hi):.4f} (bootstrap)",
+            )
+        )
+    return rows
+
+
+@dataclass
+class DemoRuntime:
+    """A way to segment one 3-D volume, with the words that say what actually ran it."""
+
+    key: str
+    segment: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image, affine) -> labels
+    description: str
+    info: ModelInfo
+    labels: dict[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
+
+
+def _labels_from(runtime_run: Callable[[np.ndarray], np.ndarray]) -> Callable:
+    def segment(image: np.ndarray, _affine: np.ndarray) -> np.ndarray:
+        probs = runtime_run(image[None, None].astype(np.float32))
+        return probs.argmax(axis=1)[0].astype(np.uint8)
+
+    return segment
+
+
+def pytorch_runtime(model: Any, device: str = "auto") -> DemoRuntime:
+    """The registered model in eager PyTorch (the reference every bundle is checked against)."""
+    import torch
+
+    from clinbundle.packaging.runtimes import torch_runtime
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info(
+            "PyTorch runtime: device auto -> %s (CUDA available: %s)", device, device == "cuda"
+        )
+    runtime = torch_runtime(model.load_network(), model.contract, device)
+    tags = model.version_tags
+    held_out = {
+        k.removeprefix("promotion_"): v for k, v in tags.items() if k.startswith("promotion_")
+    }
+    info = ModelInfo(
+        name=model.name,
+        version=model.version,
+        run_id=model.run_id,
+        uri=model.uri,
+        metrics=_metric_rows(model.metadata.get("best", {}), held_out),
+        parity_markdown="PyTorch is the reference runtime: parity is checked against it "
+        "when a bundle is built (start the demo with `--bundle` to see a bundle's report).",
+    )
+    return DemoRuntime(
+        "PyTorch", _labels_from(runtime.run), runtime.description, info, model.contract.labels
+    )
+
+
+def onnx_bundle_runtime(path: Path, device: str = "auto") -> DemoRuntime:
+    """An ONNX bundle through ONNX Runtime; its model card and parity report come with it."""
+    from clinbundle.packaging.onnx_bundle import load_bundle
+
+    bundle = load_bundle(Path(path), device)
+    m, prov = bundle.manifest.get("model", {}), bundle.manifest.get("provenance", {})
+    parity_file = bundle.path / "parity" / "parity_report.md"
+    card_file = bundle.path / "README.md"
+    info = ModelInfo(
+        name=m.get("name"),
+        version=m.get("version"),
+        run_id=m.get("run_id"),
+        uri=m.get("uri", str(path)),
+        metrics=_metric_rows(prov.get("training_metrics", {}), prov.get("held_out", {})),
+        parity_markdown=parity_file.read_text() if parity_file.is_file() else "no parity report",
+        model_card=card_file.read_text() if card_file.is_file() else "",
+    )
+    log.info("ONNX bundle %s runs on %s", path, bundle.runtime.description)
+    return DemoRuntime(
+        "ONNX bundle",
+        _labels_from(bundle.predict),
+        bundle.runtime.description,
+        info,
+        bundle.contract.labels,
+    )
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    img = nib.Nifti1Image(array, affine)
+    return gzip.compress(img.to_bytes(), compresslevel=1)
+
+
+def _read_nifti_bytes(data: bytes) -> np.ndarray:
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return np.asanyarray(nib.Nifti1Image.from_bytes(data).dataobj)
+
+
+class EndpointClient:
+    """The bento service's HTTP API: `GET /metadata`, `POST /segment` (multipart NIfTI in,
+    NIfTI label volume out). Plain HTTP, so the demo needs no BentoML installed."""
+
+    def __init__(self, url: str, timeout: float = 300.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(timeout=timeout)
+        self._errors = (httpx.HTTPError,)
+
+    def _call(self, method: str, path: str, **kwargs: Any):
+        try:
+            r = self._http.request(method, self.url + path, **kwargs)
+        except self._errors as e:
+            raise ClinbundleError(f"bento endpoint {self.url}{path}: {e}") from None
+        if r.status_code >= 400:
+            raise ClinbundleError(
+                f"bento endpoint {self.url}{path} answered {r.status_code}: {r.text[:300]}"
+            )
+        return r
+
+    def metadata(self) -> dict:
+        try:
+            return self._call("GET", "/metadata", timeout=15).json()
+        except ValueError:
+            raise ClinbundleError(f"bento endpoint {self.url}/metadata is not JSON") from None
+
+    def segment(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        files = {ENDPOINT_FIELD: ("volume.nii.gz", _nifti_bytes(image, affine), "application/gzip")}
+        r = self._call("POST", "/segment", files=files)
+        try:
+            labels = _read_nifti_bytes(r.content)
+        except Exception as e:
+            raise ClinbundleError(f"bento endpoint {self.url}/segment: not NIfTI ({e})") from None
+        labels = np.squeeze(labels) if labels.ndim > 3 else labels
+        if labels.shape != image.shape:
+            raise ClinbundleError(
+                f"bento endpoint returned labels of shape {labels.shape} for a volume of "
+                f"shape {image.shape}"
+            )
+        return labels.astype(np.uint8)
+
+
+def endpoint_runtime(url: str) -> DemoRuntime:
+    """A running bento service; its /metadata supplies the model card, as far as it says."""
+    client = EndpointClient(url)
+    meta = client.metadata()
+    m = meta.get("model", meta) if isinstance(meta.get("model", meta), dict) else {}
+    prov = meta.get("provenance", {}) if isinstance(meta.get("provenance"), dict) else {}
+    ep = meta.get("execution_provider") or meta.get("runtime") or "not reported by the service"
+    description = f"bento endpoint {client.url} ({ep})"
+    log.info("endpoint runtime: %s", description)
+    info = ModelInfo(
+        name=m.get("name"),
+        version=None if m.get("version") is None else str(m.get("version")),
+        run_id=m.get("run_id"),
+        uri=m.get("uri", client.url),
+        metrics=_metric_rows(prov.get("training_metrics", {}), prov.get("held_out", {})),
+        parity_markdown=meta.get("parity", {}).get("summary", "")
+        if isinstance(meta.get("parity"), dict)
+        else "the service reports no parity summary",
+        model_card="```json\n" + json.dumps(meta, indent=2)[:4000] + "\n```",
+    )
+    contract = meta.get("contract") if isinstance(meta.get("contract"), dict) else {}
+    labels = contract.get("labels") or {"0": "background", "1": "foreground"}
+    return DemoRuntime("Bento endpoint", client.segment, description, info, labels)
+
+
+# --------------------------------------------------------------------------- reviews
+
+
+def record_review(info: ModelInfo, review: dict) -> str:
+    """Store a review on the model: artifact `reviews/<ts>.json` on its run, and model version
+    tags `review_<n>` and `review_latest`, so the review travels with the model version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not info.run_id:
+        raise ClinbundleError("this runtime does not say which MLflow run its model came from")
+    client = MlflowClient()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    artifact = f"reviews/{stamp}.json"
+    try:
+        client.log_text(info.run_id, json.dumps(review, indent=2, sort_keys=True), artifact)
+        where = f"runs:/{info.run_id}/{artifact}"
+        if info.name and info.version:
+            tags = client.get_model_version(info.name, info.version).tags
+            taken = [int(k[7:]) for k in tags if re.fullmatch(r"review_\d+", k)]
+            key = f"review_{max(taken, default=0) + 1}"
+            summary = json.dumps(
+                {
+                    "at": stamp,
+                    "verdict": review["verdict"],
+                    "case": review["case"]["name"],
+                    "reviewer": review["reviewer"],
+                    "comment": review["comment"][:500],
+                    "artifact": where,
+                }
+            )
+            client.set_model_version_tag(info.name, info.version, key, summary)
+            client.set_model_version_tag(info.name, info.version, "review_latest", summary)
+            where += f" and tag {key} on {info.name} v{info.version}"
+    except MlflowException as e:
+        raise ClinbundleError(f"could not store the review in MLflow: {e.message}") from None
+    log.info("review stored: %s", where)
+    return where
+
+
+# --------------------------------------------------------------------------- the app logic
+
+
+class ReviewerDemo:
+    """Samples, runtimes and the actions of the page, independent of Gradio."""
+
+    def __init__(
+        self,
+        runtimes: list[DemoRuntime],
+        samples: dict[str, tuple[Path, Path]],
+        output_dir: Path,
+    ) -> None:
+        if not runtimes:
+            raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
+        self.runtimes = {r.key: r for r in runtimes}
+        self.samples = samples
+        self.output_dir = output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Gradio runs handlers in worker threads: two reviewers flagging at once must not both
+        # take the same review_<n> (reviews from other processes can still race; the artifact,
+        # named by its timestamp, is never lost).
+        self._flag_lock = threading.Lock()
+
+    @property
+    def default_runtime(self) -> str:
+        return next(iter(self.runtimes))
+
+    def runtime(self, key: str) -> DemoRuntime:
+        if key not in self.runtimes:
+            raise ClinbundleError(f"unknown runtime '{key}'; choose one of {list(self.runtimes)}")
+        return self.runtimes[key]
+
+    def load_sample(self, name: str) -> Case:
+        if name not in self.samples:
+            raise InputError(f"no sample named '{name}'")
+        image, label = self.samples[name]
+        return load_case(image, label, name=name)
+
+    def load_upload(self, path: Path, original_name: str | None = None) -> Case:
+        case = load_case(Path(path))
+        if original_name:
+            case.name = original_name
+        return case
+
+    def segment(self, case: Case, runtime_key: str) -> tuple[Case, Path]:
+        """Run one runtime on the case; Dice against the ground truth; labels written as NIfTI."""
+        rt = self.runtime(runtime_key)
+        started = time.perf_counter()
+        labels = rt.segment(case.image, case.affine)
+        case.seconds = time.perf_counter() - started
+        case.prediction, case.runtime = labels, runtime_key
+        case.dice = dice_per_label(labels, case.truth, rt.labels) if case.truth is not None else {}
+        log.info(
+            "segmented %s with %s in %.2f s on %s; Dice %s",
+            case.name,
+            runtime_key,
+            case.seconds,
+            rt.description,
+            case.dice or "n/a (no ground truth)",
+        )
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case.name)
+        out = self.output_dir / f"{_case_name(Path(safe))}_labels_{runtime_key.split()[0]}.nii.gz"
+        out.write_bytes(_nifti_bytes(labels, case.affine))
+        return case, out
+
+    def flag(self, case: Case | None, verdict: str, comment: str, reviewer: str) -> str:
+        if case is None:
+            raise InputError("load a sample or upload a volume before flagging a case")
+        if verdict not in VERDICTS:
+            raise InputError(f"choose a verdict: {', '.join(VERDICTS)}")
+        comment = (comment or "").strip()
+        if not comment:
+            raise InputError("write a comment: say what you saw")
+        key = case.runtime or self.default_runtime
+        rt = self.runtime(key)
+        review = {
+            "verdict": verdict,
+            "comment": comment,
+            "reviewer": (reviewer or "").strip() or "anonymous",
+            "case": {
+                "name": case.name,
+                "sha256": case.sha256,
+                "shape": list(case.image.shape),
+                "has_ground_truth": case.truth is not None,
+            },
+            "runtime": key if case.prediction is not None else None,
+            "execution": rt.description if case.prediction is not None else None,
+            "inference_seconds": case.seconds,
+            "dice": case.dice,
+            "model": {"name": rt.info.name, "version": rt.info.version, "run_id": rt.info.run_id},
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        with self._flag_lock:
+            return record_review(rt.info, review)
+
+
+# --------------------------------------------------------------------------- Gradio wiring
+
+
+def _dice_markdown(case: Case) -> str:
+    if case.prediction is None:
+        return "Run the segmentation to see the overlay and Dice."
+    if case.truth is None:
+        return "No ground truth for this volume: Dice not available."
+    return "**Dice vs ground truth:** " + ", ".join(
+        f"{name} {value:.3f}" for name, value in case.dice.items()
+    )
+
+
+def _run_markdown(case: Case, rt: DemoRuntime) -> str:
+    if case.prediction is None:
+        return f"Runtime ready: {rt.description}"
+    return (
+        f"**{case.runtime}** took **{case.seconds:.2f} s** for {case.name} "
+        f"({'x'.join(map(str, case.image.shape))})  \nexecution: `{rt.description}`"
+    )
+
+
+def build_app(demo: ReviewerDemo):
+    """The page: inputs and views on the left, model card and review on the right."""
+    import gradio as gr
+
+    def user_errors(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except ClinbundleError as e:
+                log.warning("shown to the user: %s", e)
+                raise gr.Error(str(e), duration=None) from None
+            except gr.Error:
+                raise
+            except Exception as e:  # keep the page alive; the log has the traceback
+                log.exception("unexpected error in the demo")
+                raise gr.Error(f"unexpected error: {type(e).__name__}: {e}", duration=None) from e
+
+        return wrapper
+
+    def views(case: Case | None, a: float, c: float, s: float, opacity: float, pred, truth):
+        if case is None:
+            return [None, None, None]
+        index = {"axial": a, "coronal": c, "sagittal": s}
+        return [
+            render_slice(
+                case.image,
+                v,
+                int(index[v]),
+                case.window,
+                case.prediction if pred else None,
+                case.truth if truth else None,
+                opacity,
+            )
+            for v in VIEWS
+        ]
+
+    def show_case(case: Case, opacity: float, pred: bool, truth: bool):
+        mids = {v: case.image.shape[VIEW_AXIS[v]] // 2 for v in VIEWS}
+        sliders = [
+            gr.Slider(minimum=0, maximum=case.image.shape[VIEW_AXIS[v]] - 1, value=mids[v])
+            for v in VIEWS
+        ]
+        images = views(case, mids["axial"], mids["coronal"], mids["sagittal"], opacity, pred, truth)
+        status = f"Loaded **{case.name}** ({'x'.join(map(str, case.image.shape))}" + (
+            ", with ground truth)" if case.truth is not None else ", no ground truth)"
+        )
+        return [case, *sliders, *images, status, _dice_markdown(case), None]
+
+    @user_errors
+    def on_sample(name: str, opacity: float, pred: bool, truth: bool):
+        if not name:
+            raise InputError("choose a sample volume")
+        return show_case(demo.load_sample(name), opacity, pred, truth)
+
+    @user_errors
+    def on_upload(file: str | None, opacity: float, pred: bool, truth: bool):
+        if not file:
+            raise InputError("no file received")
+        return show_case(demo.load_upload(Path(file)), opacity, pred, truth)
+
+    @user_errors
+    def on_segment(case: Case | None, key: str, a, c, s, opacity, pred, truth):
+        if case is None:
+            raise InputError("load a sample or upload a volume first")
+        case, out = demo.segment(case, key)
+        images = views(case, a, c, s, opacity, pred, truth)
+        return [
+            case,
+            *images,
+            _dice_markdown(case),
+            _run_markdown(case, demo.runtime(key)),
+            str(out),
+        ]
+
+    @user_errors
+    def on_view(view: str, case: Case | None, index: float, opacity, pred, truth):
+        if case is None:
+            return None
+        return render_slice(
+            case.image,
+            view,
+            int(index),
+            case.window,
+            case.prediction if pred else None,
+            case.truth if truth else None,
+            opacity,
+        )
+
+    @user_errors
+    def on_runtime(key: str):
+        rt = demo.runtime(key)
+        return (
+            rt.info.card_markdown(),
+            rt.info.parity_markdown,
+            rt.info.model_card,
+            (f"Runtime ready: {rt.description}"),
+        )
+
+    @user_errors
+    def on_flag(case: Case | None, verdict: str, comment: str, reviewer: str):
+        return f"Flag stored: {demo.flag(case, verdict, comment, reviewer)}"
+
+    first = demo.runtime(demo.default_runtime)
+    with gr.Blocks(title="clinbundle reviewer demo") as app:
+        case_state = gr.State(None)
+        gr.Markdown(
+            "# Reviewer demo\nLook at what the model does before it ships: pick a sample or "
+            "upload a volume, run it, scroll the slices, and flag what you see."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    sample = gr.Dropdown(
+                        choices=list(demo.samples),
+                        value=None,
+                        label="Sample volume (synthetic, with ground truth)",
+                        elem_id="sample",
+                    )
+                    upload = gr.File(
+                        label="... or upload a NIfTI (.nii, .nii.gz) or .npy volume",
+                        type="filepath",
+                        elem_id="upload",
+                    )
+                with gr.Row():
+                    runtime = gr.Radio(
+                        choices=list(demo.runtimes),
+                        value=demo.default_runtime,
+                        label="Runtime",
+                        elem_id="runtime",
+                    )
+                    run_btn = gr.Button("Run segmentation", variant="primary", elem_id="run")
+                status = gr.Markdown("Choose a sample or upload a volume.", elem_id="status")
+                images, sliders = [], []
+                with gr.Row():
+                    for v in VIEWS:
+                        with gr.Column(min_width=200):
+                            images.append(
+                                gr.Image(
+                                    label=v,
+                                    interactive=False,
+                                    format="png",
+                                    elem_id=f"view-{v}",
+                                )
+                            )
+                            sliders.append(
+                                gr.Slider(
+                                    0, 1, value=0, step=1, label=f"{v} slice", elem_id=f"slider-{v}"
+                                )
+                            )
+                with gr.Row():
+                    opacity = gr.Slider(
+                        0, 1, value=0.5, step=0.05, label="Label opacity", elem_id="opacity"
+                    )
+                    show_pred = gr.Checkbox(True, label="Show prediction (filled)")
+                    show_truth = gr.Checkbox(True, label="Show ground truth (green outline)")
+                dice = gr.Markdown("", elem_id="dice")
+                download = gr.File(
+                    label="Label volume (NIfTI)", interactive=False, elem_id="download"
+                )
+            with gr.Column(scale=2):
+                card = gr.Markdown(first.info.card_markdown(), elem_id="model-card")
+                run_info = gr.Markdown(f"Runtime ready: {first.description}", elem_id="run-info")
+                with gr.Accordion("Parity report", open=False):
+                    parity = gr.Markdown(first.info.parity_markdown, elem_id="parity")
+                with gr.Accordion("Full model card", open=False):
+                    full_card = gr.Markdown(first.info.model_card or "(none)")
+                with gr.Group():
+                    gr.Markdown("### Flag this case")
+                    verdict = gr.Radio(list(VERDICTS), label="Verdict", elem_id="verdict")
+                    comment = gr.Textbox(label="Comment", lines=3, elem_id="comment")
+                    reviewer = gr.Textbox(label="Reviewer", value=_user(), elem_id="reviewer")
+                    flag_btn = gr.Button("Flag case", elem_id="flag")
+                    flag_status = gr.Markdown("", elem_id="flag-status")
+
+        display = [opacity, show_pred, show_truth]
+        loaded = [case_state, *sliders, *images, status, dice, download]
+        sample.input(on_sample, [sample, *display], loaded)
+        upload.upload(on_upload, [upload, *display], loaded)
+        run_btn.click(
+            on_segment,
+            [case_state, runtime, *sliders, *display],
+            [case_state, *images, dice, run_info, download],
+        )
+        for v, img, sl in zip(VIEWS, images, sliders, strict=True):
+            sl.input(
+                lambda case, i, o, p, t, _v=v: on_view(_v, case, i, o, p, t),
+                [case_state, sl, *display],
+                img,
+            )
+        for control in display:
+            control.input(
+                lambda case, a, c, s, o, p, t: views(case, a, c, s, o, p, t),
+                [case_state, *sliders, *display],
+                images,
+            )
+        runtime.input(on_runtime, runtime, [card, parity, full_card, run_info])
+        flag_btn.click(on_flag, [case_state, verdict, comment, reviewer], flag_status)
+    return app
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+# --------------------------------------------------------------------------- command
+
+
+def build_runtimes(
+    workdir: Path,
+    model: str | None,
+    bundle: Path | None,
+    endpoint: str | None,
+    name: str,
+    device: str,
+) -> list[DemoRuntime]:
+    """The runtimes asked for; with none asked for, the registry's champion in PyTorch."""
+    from clinbundle.packaging.model_source import resolve_model
+
+    runtimes = []
+    if model or not (bundle or endpoint):
+        if not model:
+            log.info("no --model/--bundle/--endpoint: using models:/%s@champion", name)
+        resolved = resolve_model(model, workdir / "cache" / "models", default_name=name)
+        runtimes.append(pytorch_runtime(resolved, device))
+    if bundle:
+        runtimes.append(onnx_bundle_runtime(bundle, device))
+    if endpoint:
+        runtimes.append(endpoint_runtime(endpoint))
+    log.info("demo runtimes: %s", ", ".join(f"{r.key} [{r.description}]" for r in runtimes))
+    return runtimes
+
+
+def run_demo(
+    workdir: Path,
+    model: str | None = None,
+    bundle: Path | None = None,
+    endpoint: str | None = None,
+    name: str = "vessel-seg",
+    device: str = "auto",
+    port: int = 7860,
+    samples: Path | None = None,
+    block: bool = True,
+):
+    """Start the page on 127.0.0.1:PORT (loopback only: patient-like data stays local)."""
+    from clinbundle.tracking import configure_tracking
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "cache" / "gradio"))
+    configure_tracking(workdir)
+    runtimes = build_runtimes(workdir, model, bundle, endpoint, name, device)
+    demo = ReviewerDemo(runtimes, ensure_samples(workdir, samples), workdir / "demo" / "outputs")
+    app = build_app(demo)
+    try:
+        app.launch(
+            server_name="127.0.0.1",
+            server_port=port,
+            prevent_thread_lock=True,
+            show_error=True,
+            quiet=True,
+            allowed_paths=[str(demo.output_dir)],
+        )
+    except OSError as e:
+        raise ClinbundleError(
+            f"cannot serve the demo on 127.0.0.1:{port} ({e}); try --port"
+        ) from None
+    url = f"http://127.0.0.1:{port}/"
+    log.info("reviewer demo at %s", url)
+    print(f"reviewer demo running at {url} (Ctrl+C stops it)", flush=True)
+    if block:
+        app.block_thread()
+    return app
