@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from hardware import sgemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinbundle.contract import InferenceContract
@@ -35,15 +36,6 @@ from clinbundle.packaging.onnx_export import export_onnx
 from clinbundle.packaging.runtimes import onnx_predictor, onnx_session
 
 FAMILIES = {"dynunet": [16, 32, 64, 128], "segresnet": [16, 32, 64, 128]}
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def contract_for(family: str, roi: tuple[int, int, int], sw_batch: int) -> InferenceContract:

@@ -16,11 +16,11 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from hardware import sgemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinbundle.networks import build_network
@@ -29,15 +29,6 @@ from clinbundle.training.config import load_config
 from clinbundle.training.losses import build_loss
 from clinbundle.training.synth import write_dataset
 from clinbundle.training.trainer import train
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def step_flops(cfg, state) -> int:

@@ -32,7 +32,7 @@ import yaml
 import clinbundle
 from clinbundle.errors import BundleError, ParityError
 from clinbundle.packaging.bundle import staged_folder
-from clinbundle.packaging.parity import ParityReport, Tolerances, check_parity, record_parity
+from clinbundle.packaging.parity import ParityReport, Tolerances, check_parity, settle_parity
 from clinbundle.packaging.runtimes import http_runtime, torch_runtime
 
 if TYPE_CHECKING:
@@ -182,23 +182,16 @@ def build_bento(
         except BaseException:
             bentoml.bentos.delete(tag)
             raise
-        report.model = {
-            "uri": model.uri,
-            "name": model.name,
-            "version": model.version,
-            "run_id": model.run_id,
-            "bento": tag,
-        }
-        files = record_parity(report, model, tmp) if record else report.write(tmp)
-        if not report.passed:
-            bentoml.bentos.delete(tag)
-            raise ParityError(
-                f"bento parity over HTTP failed for {model.label}: {report.summary()}; no bento "
-                f"was kept.\n{report.to_markdown()}"
+        try:
+            files = settle_parity(
+                report, model, tmp, record, "bento (over HTTP)", "bento", bento=tag
             )
+        except ParityError:
+            bentoml.bentos.delete(tag)
+            raise
         inside = Path(bento.path) / "src" / "parity"  # the report travels inside the bento
         inside.mkdir(parents=True, exist_ok=True)
-        for f in files or []:
+        for f in files:
             shutil.copy(f, inside / f.name)
         archive = tmp / f"{tag.replace(':', '-')}.bento"
         bentoml.export_bento(tag, str(archive))

@@ -53,7 +53,7 @@ from clinbundle.packaging.parity import (
     ParityReport,
     Tolerances,
     check_parity,
-    record_parity,
+    settle_parity,
 )
 from clinbundle.packaging.runtimes import Runtime, torch_runtime
 
@@ -367,22 +367,7 @@ def build_map(
         )
 
         report = map_parity(tmp, reference, cases, model, tol)
-        report.model = {
-            "uri": model.uri,
-            "name": name,
-            "version": model.version,
-            "run_id": model.run_id,
-        }
-        if record:
-            record_parity(report, model, tmp / "parity")
-        else:
-            report.write(tmp / "parity")
-        if not report.passed:
-            raise ParityError(
-                f"MAP parity failed for {model.label}: {report.summary()}; failing cases: "
-                f"{', '.join(report.overall()['failed_cases'])}. No MAP was written. "
-                f"Report: {report.to_markdown()}"
-            )
+        settle_parity(report, model, tmp / "parity", record, "MAP", "MAP")
         for leftover in tmp.rglob("__pycache__"):  # the parity runs compiled the vendored copy
             shutil.rmtree(leftover)
         extra = {

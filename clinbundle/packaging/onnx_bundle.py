@@ -40,7 +40,7 @@ from clinbundle.packaging.parity import (
     Tolerances,
     check_parity,
     parity_suite,
-    record_parity,
+    settle_parity,
 )
 from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, torch_runtime
 
@@ -94,23 +94,7 @@ def build_onnx_bundle(
         )
         candidate = onnx_runtime(onnx_session(onnx_path, device), model.contract)
         report = check_parity(reference, candidate, cases, model.contract, tol, "onnx")
-        report.model = {
-            "uri": model.uri,
-            "name": model.name,
-            "version": model.version,
-            "run_id": model.run_id,
-            "precision": precision,
-        }
-        if record:
-            record_parity(report, model, tmp / "parity")
-        else:
-            report.write(tmp / "parity")
-        if not report.passed:
-            raise ParityError(
-                f"ONNX parity failed for {model.label}: {report.summary()}; failing cases: "
-                f"{', '.join(report.overall()['failed_cases'])}. No bundle was written. "
-                f"Report: {report.to_markdown()}"
-            )
+        settle_parity(report, model, tmp / "parity", record, "ONNX", "bundle", precision=precision)
         (tmp / CONTRACT_FILE).write_text(model.contract.to_json())
         sample = next(c for c in cases if c.name == SAMPLE_CASE)
         (tmp / "sample").mkdir()

@@ -327,3 +327,30 @@ def record_parity(report: ParityReport, model, folder: Path) -> list[Path]:
         "recorded %s on %s (%s): %s", tag, model.label, mlflow.get_tracking_uri(), report.summary()
     )
     return files
+
+
+def settle_parity(
+    report: ParityReport, model, folder: Path, record: bool, label: str, what: str, **extra
+) -> list[Path]:
+    """Attach the model to the report, keep it (MLflow and `folder`), stop on a breach.
+
+    Recording comes first on purpose: the registry should say that a format was tried and did
+    not hold, even though nothing of that format is written.
+    """
+    from clinbundle.errors import ParityError
+
+    report.model = {
+        "uri": model.uri,
+        "name": model.name,
+        "version": model.version,
+        "run_id": model.run_id,
+        **extra,
+    }
+    files = record_parity(report, model, folder) if record else report.write(folder)
+    if not report.passed:
+        raise ParityError(
+            f"{label} parity failed for {model.label}: {report.summary()}; failing cases: "
+            f"{', '.join(report.overall()['failed_cases'])}. No {what} was written.\n"
+            f"{report.to_markdown()}"
+        )
+    return files
