@@ -1,7 +1,8 @@
 """The one sliding-window inference path, shared by every runtime.
 
-PyTorch (training validation, the MLflow pyfunc), ONNX Runtime, and later HTTP and MAP runs all
-call `sliding_window_probabilities` with a different `Predictor`; normalisation, window layout,
+PyTorch (training validation, the MLflow pyfunc, the parity reference) and ONNX Runtime (the
+ONNX bundle, which the bento, the MAP app and the demo run) all call
+`sliding_window_probabilities` with a different `Predictor`; normalisation, window layout,
 blending and softmax are therefore identical, and a difference in output can only come from the
 runtime that computes the patches.
 """
