@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install quickstart test test-fast lint bench containers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile.train Dockerfile.serve
 
 test: lint
 	$(BIN)/python -m pytest
@@ -34,6 +35,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --out work/bench/train_throughput.json
 	$(BIN)/python benchmarks/onnx_vs_torch.py --out work/bench/onnx_vs_torch.json
+
+# builds both images and runs them end to end (podman; see README, Containers)
+containers: $(STAMP)
+	.ci/containers.sh
 
 clean:
 	rm -rf work .pytest_cache .ruff_cache
