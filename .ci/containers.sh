@@ -97,8 +97,11 @@ step "inspect the training image"
 podman run --rm --entrypoint /bin/sh "$TRAIN_IMAGE" -c '
     set -e; id -u; test ! -e /src; test ! -e /tmp/wheels; test ! -e /root/.cache/pip
     test ! -e /workspace/tests; test -z "$(ls -A /workspace)"
-    bad=$(find / -xdev \( -name "*.whl" -o -name "*.nii.gz" -o -name mlflow.db -o -name .pytest_cache \
-        -o -name .ruff_cache -o -name conftest.py -path "*clinbundle*" \) -print 2>/dev/null | head -5)
+    bad=$(find / -xdev \( -path /proc -o -path /opt/venv/lib -o -path /usr/share/python-wheels \) -prune -o \( -name "*.whl" \
+        -o -name "*.nii.gz" -o -name "*.npy" -o -name mlflow.db -o -name mlruns -o -name .pytest_cache \
+        -o -name .ruff_cache -o -name .venv -o -name .git \) -print 2>/dev/null | head -5)
+    test ! -e /opt/venv/lib/python3*/site-packages/tests
+    ! find /opt/venv/lib -path "*/site-packages/clinbundle*" -name "test_*" | grep -q .
     [ -z "$bad" ] || { echo "unexpected files: $bad"; exit 1; }
     clinbundle --help >/dev/null' >"$E2E/logs/inspect-train.log" 2>&1 \
     || { cat "$E2E/logs/inspect-train.log" >&2; log "the training image holds what it should not"; exit 1; }
