@@ -186,7 +186,9 @@ took
 step "run the serving image, /segment from the host"
 SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINERS+=(cb-serve-$$)
-podman run -d --name "cb-serve-$$" -p "127.0.0.1:$SPORT:3000" "$SERVE_IMAGE" >/dev/null
+# no systemd here to time the HEALTHCHECK: the timer is off, the check is run by hand below
+podman run -d --name "cb-serve-$$" --health-interval=disable -p "127.0.0.1:$SPORT:3000" \
+    "$SERVE_IMAGE" >/dev/null
 for _ in $(seq 300); do
     curl -fsS "http://127.0.0.1:$SPORT/readyz" >/dev/null 2>&1 && break
     [ "$(podman inspect -f '{{.State.Running}}' "cb-serve-$$")" = true ] || { log "the serving container exited"; exit 1; }
@@ -202,7 +204,8 @@ took
 
 # MAP image (issue 6, not on main yet): build and run the MONAI Deploy MAP image here.
 
-podman image prune -f >/dev/null 2>&1 || true
+podman rm -f -t 10 "cb-serve-$$" >/dev/null
+# no `podman image prune`: the untagged stage images are the build cache of the next run
 log "image sizes:"
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'clinbundle-(train|serve|cpu-base)' | sed 's/^/  /' >&2
 log "timings:"

@@ -46,7 +46,8 @@ def bento_pins(archive: Path) -> list[str]:
         if not line:
             continue
         if PIN.match(line):
-            pins.append(line)
+            if line not in pins:
+                pins.append(line)
         else:
             log.info("requirement %r is not an exact pin: left to the image's own install", line)
     return pins
