@@ -186,7 +186,8 @@ took
 step "run the serving image, /segment from the host"
 SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINERS+=(cb-serve-$$)
-# no systemd here to time the HEALTHCHECK: the timer is off, the check is run by hand below
+# podman cannot time the HEALTHCHECK without systemd (it logs 'unable to get systemd
+# connection', harmless, even with --health-interval=disable): the check is run by hand below
 podman run -d --name "cb-serve-$$" --health-interval=disable -p "127.0.0.1:$SPORT:3000" \
     "$SERVE_IMAGE" >/dev/null
 for _ in $(seq 300); do
