@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install quickstart test test-fast lint bench clean system-deps
+.PHONY: install quickstart test test-fast lint bench containers clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile.train Dockerfile.serve
 
 # The reviewer demo's browser test drives Debian's chromium (never a browser downloaded by
 # playwright). Installed here when missing and apt-get exists (CI starts from a bare machine);
@@ -47,6 +48,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --out work/bench/train_throughput.json
 	$(BIN)/python benchmarks/onnx_vs_torch.py --out work/bench/onnx_vs_torch.json
+
+# builds both images and runs them end to end (podman; see README, Containers)
+containers: $(STAMP)
+	.ci/containers.sh
 
 clean:
 	rm -rf work .pytest_cache .ruff_cache

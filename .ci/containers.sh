@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Containers end to end (issue 8), run by .ci/run after `make test` (needs .venv):
+#   podman + local CPU base -> build Dockerfile.train -> real `mlflow server` on 127.0.0.1 ->
+#   train in the container (host network) -> check run, artifacts, registered version ->
+#   [resume after SIGKILL: needs issue 3] -> promote + `clinbundle package bento` on the host ->
+#   build Dockerfile.serve from the .bento -> run it -> /segment == the ONNX bundle's labels.
+# Exits non-zero when any step fails; exits 0 with the reason when no engine can be set up.
+# Images and build layers are cached in work/containers/ (ignored by git) between runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+# shellcheck source=.ci/container-engine.sh
+. .ci/container-engine.sh
+
+BIN=$ROOT/.venv/bin
+E2E=$CB_WORK/e2e
+MODEL=cb-containers
+TRAIN_IMAGE=localhost/clinbundle-train:ci
+SERVE_IMAGE=localhost/clinbundle-serve:ci
+TRAIN_SET=(--set 'model.filters=[8,16,32]' --set 'compute.patch_size=[32,32,32]'
+    --set data.folds=3 --set train.epochs=2 --set train.val_every=1
+    --set tracking.experiment=containers --set "tracking.model_name=$MODEL")
+CONTAINERS=()
+MLFLOW_PID=
+TIMES=()
+T_ALL=$SECONDS
+
+step() { STEP=$1; T0=$SECONDS; log "=== $1"; }
+took() { TIMES+=("$(printf '%-40s %4d s' "$STEP" $((SECONDS - T0)))"); }
+banner() { log "################################################################"; log "$*"; log "################################################################"; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    for c in "${CONTAINERS[@]}"; do
+        if [ $rc != 0 ] && podman container exists "$c"; then
+            log "last lines of container $c:"; podman logs --tail 30 "$c" >&2
+        fi
+        podman rm -f -t 5 "$c" >/dev/null 2>&1
+    done
+    if [ -n "$MLFLOW_PID" ]; then
+        kill -TERM -- "-$MLFLOW_PID" 2>/dev/null; wait "$MLFLOW_PID" 2>/dev/null
+        [ $rc != 0 ] && { log "last lines of the mlflow server:"; tail -n 20 "$E2E/logs/mlflow.log" >&2; }
+    fi
+    log "cleaned up ${#CONTAINERS[@]} container(s) and the mlflow server"
+    if [ $rc != 0 ]; then log "FAILED in step: ${STEP:-setup} (exit $rc)"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+
+[ -x "$BIN/clinbundle" ] || { log "no .venv: run 'make install' (or make test) first"; exit 1; }
+
+step "engine + CPU base image"
+if ! engine_setup; then
+    log "SKIPPED containers: no container engine could be set up here (reason above)"
+    trap - EXIT
+    exit 0
+fi
+BASE=$(base_image)
+took
+
+step "wheels for the image build"
+# The image takes torch from PyPI (CUDA build, the GPU default) unless a wheel in wheels/ fits:
+# CI offers the CPU wheel the host venv was installed from (pip's find-links), ~190 MB not 3 GB.
+TORCH_VERSION=$("$BIN/python" -c 'import torch; print(torch.__version__)')
+TORCH_SPEC=torch
+mkdir -p wheels
+for dir in $("$BIN/python" -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p"); do
+    for w in "$dir"/torch-"$TORCH_VERSION"-cp311-*.whl; do
+        [ -f "$w" ] || continue
+        ln -f "$w" wheels/ 2>/dev/null || cp -f "$w" wheels/
+        TORCH_SPEC="torch==$TORCH_VERSION"
+        log "decision: image torch = $TORCH_SPEC from local wheel $(basename "$w") (host venv's build)"
+        break 2
+    done
+done
+[ "$TORCH_SPEC" = torch ] && log "decision: no local torch $TORCH_VERSION wheel: the image takes PyPI's torch"
+BUILD=(podman build --network host --format docker --build-arg "BASE_IMAGE=$BASE"
+    --build-arg "TORCH=$TORCH_SPEC" --build-arg WHEELS=wheels)
+rm -rf "$E2E"; mkdir -p "$E2E/logs"
+took
+
+step "build Dockerfile.train"
+"${BUILD[@]}" -f Dockerfile.train -t "$TRAIN_IMAGE" . >"$E2E/logs/build-train.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/build-train.log" >&2; log "building Dockerfile.train failed"; exit 1; }
+grep -E '^torch |^base image has' "$E2E/logs/build-train.log" | sed 's/^/  build: /' >&2 || true
+took
+
+step "inspect the training image"
+[ "$(podman image inspect -f '{{.Config.User}}' "$TRAIN_IMAGE")" = "10001:10001" ] \
+    || { log "the training image does not run as uid 10001"; exit 1; }
+[ "$(podman image inspect -f '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$TRAIN_IMAGE")" \
+    = '["clinbundle"] ["quickstart","--workdir","/workspace"]' ] \
+    || { log "unexpected ENTRYPOINT/CMD"; exit 1; }
+# nothing of the build context but the package: no tests, caches, data, wheels, sources
+podman run --rm --entrypoint /bin/sh "$TRAIN_IMAGE" -c '
+    set -e; id -u; test ! -e /src; test ! -e /tmp/wheels; test ! -e /root/.cache/pip
+    test ! -e /workspace/tests; test -z "$(ls -A /workspace)"
+    bad=$(find / -xdev \( -path /proc -o -path /opt/venv/lib -o -path /usr/share/python-wheels \) -prune -o \( -name "*.whl" \
+        -o -name "*.nii.gz" -o -name "*.npy" -o -name mlflow.db -o -name mlruns -o -name .pytest_cache \
+        -o -name .ruff_cache -o -name .venv -o -name .git \) -print 2>/dev/null | head -5)
+    test ! -e /opt/venv/lib/python3*/site-packages/tests
+    ! find /opt/venv/lib -path "*/site-packages/clinbundle*" -name "test_*" | grep -q .
+    [ -z "$bad" ] || { echo "unexpected files: $bad"; exit 1; }
+    clinbundle --help >/dev/null' >"$E2E/logs/inspect-train.log" 2>&1 \
+    || { cat "$E2E/logs/inspect-train.log" >&2; log "the training image holds what it should not"; exit 1; }
+log "training image: uid $(head -n1 "$E2E/logs/inspect-train.log"), ENTRYPOINT clinbundle, CMD quickstart, no tests/caches/data/wheels"
+took
+
+step "mlflow server on 127.0.0.1"
+mkdir -p "$E2E/mlflow"
+PORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+URL=http://127.0.0.1:$PORT
+setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$E2E/mlflow/mlflow.db" \
+    --serve-artifacts --artifacts-destination "$E2E/mlflow/artifacts" \
+    >"$E2E/logs/mlflow.log" 2>&1 &
+MLFLOW_PID=$!
+for _ in $(seq 240); do
+    curl -fsS "$URL/health" >/dev/null 2>&1 && break
+    kill -0 "$MLFLOW_PID" 2>/dev/null || { log "mlflow server exited"; exit 1; }
+    sleep 0.5
+done
+curl -fsS "$URL/health" >/dev/null || { log "mlflow server not healthy after 120 s"; exit 1; }
+log "mlflow server at $URL (sqlite backend, artifacts proxied to $E2E/mlflow/artifacts)"
+took
+
+step "train in the container against the server"
+"$BIN/clinbundle" data synth --out "$E2E/data" --n 6 --n-test 2 --shape 32 32 32 --seed 0 >/dev/null
+CONTAINERS+=(cb-train-$$)
+podman run --name "cb-train-$$" --network host -v "$E2E/data:/data:ro" \
+    -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --data /data "${TRAIN_SET[@]}" \
+    >"$E2E/logs/train.log" 2>&1 || { tail -n 40 "$E2E/logs/train.log" >&2; exit 1; }
+RUN_ID=$(sed -n 's/^run \([0-9a-f]\{32\}\): .*/\1/p' "$E2E/logs/train.log" | tail -n1)
+[ -n "$RUN_ID" ] || { tail -n 20 "$E2E/logs/train.log" >&2; log "no run id in the output"; exit 1; }
+grep -E '^(run |models:/)' "$E2E/logs/train.log" | sed 's/^/  container: /' >&2
+podman rm "cb-train-$$" >/dev/null
+"$BIN/python" .ci/containers_check.py train "$URL" "$MODEL" "$RUN_ID" "$E2E/mlflow/artifacts" >&2
+took
+
+step "ephemeral instance: SIGKILL, then --resume"
+if podman run --rm "$TRAIN_IMAGE" train --help 2>/dev/null | grep -q -- '--resume'; then
+    # written against issue 3's interface: `train --resume RUN_ID` from the server's last.pt
+    CONTAINERS+=(cb-kill-$$ cb-resume-$$)
+    podman run -d --name "cb-kill-$$" --network host -v "$E2E/data:/data:ro" \
+        -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --data /data "${TRAIN_SET[@]}" \
+        --set train.epochs=6 >/dev/null
+    KILL_RUN=$("$BIN/python" .ci/containers_check.py running-run "$URL" containers 300)
+    "$BIN/python" .ci/containers_check.py wait-checkpoint "$URL" "$KILL_RUN" 300 >&2
+    podman kill --signal KILL "cb-kill-$$" >/dev/null
+    log "SIGKILLed the training container (the instance is gone); resuming $KILL_RUN in a fresh one"
+    podman run --name "cb-resume-$$" --network host -v "$E2E/data:/data:ro" \
+        -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --resume "$KILL_RUN" --data /data \
+        >"$E2E/logs/resume.log" 2>&1 || { tail -n 40 "$E2E/logs/resume.log" >&2; exit 1; }
+    "$BIN/python" .ci/containers_check.py finished "$URL" "$KILL_RUN" >&2
+else
+    banner "SKIPPED resume: needs issue 3 ('clinbundle train --help' has no --resume)"
+fi
+took
+
+step "promote + package bento on the host"
+export MLFLOW_TRACKING_URI=$URL
+"$BIN/clinbundle" promote --model "$MODEL" --data "$E2E/data" --minimum 0 --workdir "$E2E/host" \
+    >"$E2E/logs/promote.log" 2>&1 || { cat "$E2E/logs/promote.log" >&2; exit 1; }
+grep -q '^decision: promoted' "$E2E/logs/promote.log" || { cat "$E2E/logs/promote.log" >&2; exit 1; }
+"$BIN/clinbundle" package bento --workdir "$E2E/host" --name "$MODEL" --out "$E2E/bento" \
+    --validation-volumes 1 >"$E2E/logs/package-bento.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/package-bento.log" >&2; exit 1; }
+unset MLFLOW_TRACKING_URI
+BUNDLE=$(find "$E2E/host/bundles" -mindepth 1 -maxdepth 1 -type d -name "$MODEL-v*-onnx" | head -n1)
+log "$(grep '^parity over HTTP' "$E2E/logs/package-bento.log"); bundle $(basename "$BUNDLE"); $(ls "$E2E/bento"/*.bento | xargs -n1 basename)"
+took
+
+step "build Dockerfile.serve from the .bento"
+"${BUILD[@]}" -f Dockerfile.serve --build-context "bento=$E2E/bento" -t "$SERVE_IMAGE" . \
+    >"$E2E/logs/build-serve.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/build-serve.log" >&2; log "building Dockerfile.serve failed"; exit 1; }
+grep -E 'pinned packages' "$E2E/logs/build-serve.log" | sed 's/^/  build: /' >&2 || true
+[ "$(podman image inspect -f '{{.Config.User}} {{json .Config.ExposedPorts}}' "$SERVE_IMAGE")" \
+    = '10001:10001 {"3000/tcp":{}}' ] || { log "serve image: wrong USER or EXPOSE"; exit 1; }
+podman image inspect -f '{{json .Config.Healthcheck}}' "$SERVE_IMAGE" | grep -q readyz \
+    || { log "serve image has no HEALTHCHECK on /readyz"; exit 1; }
+took
+
+step "run the serving image, /segment from the host"
+SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CONTAINERS+=(cb-serve-$$)
+# podman cannot time the HEALTHCHECK without systemd (it logs 'unable to get systemd
+# connection', harmless, even with --health-interval=disable): the check is run by hand below
+podman run -d --name "cb-serve-$$" --health-interval=disable -p "127.0.0.1:$SPORT:3000" \
+    "$SERVE_IMAGE" >/dev/null
+for _ in $(seq 300); do
+    curl -fsS "http://127.0.0.1:$SPORT/readyz" >/dev/null 2>&1 && break
+    [ "$(podman inspect -f '{{.State.Running}}' "cb-serve-$$")" = true ] || { log "the serving container exited"; exit 1; }
+    sleep 1
+done
+curl -fsS "http://127.0.0.1:$SPORT/readyz" >/dev/null || { log "/readyz not 200 after 300 s"; exit 1; }
+log "serving container ready on 127.0.0.1:$SPORT (-p $SPORT:3000) after $((SECONDS - T0)) s"
+podman healthcheck run "cb-serve-$$" >/dev/null || { log "the image's HEALTHCHECK failed"; exit 1; }
+log "the image's HEALTHCHECK (/readyz inside the container) passes"
+VOLUME=$(find "$E2E/data/imagesTs" -name '*.nii.gz' | sort | head -n1)
+"$BIN/python" .ci/containers_check.py segment "http://127.0.0.1:$SPORT" "$BUNDLE" "$VOLUME" >&2
+took
+
+# MAP image (issue 6, not on main yet): build and run the MONAI Deploy MAP image here.
+
+podman rm -f -t 10 "cb-serve-$$" >/dev/null
+# no `podman image prune`: the untagged stage images are the build cache of the next run
+log "image sizes:"
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'clinbundle-(train|serve|cpu-base)' | sed 's/^/  /' >&2
+log "timings:"
+printf '  %s\n' "${TIMES[@]}" >&2
+log "containers: all steps passed in $((SECONDS - T_ALL)) s"
