@@ -9,7 +9,7 @@
 # Defines: engine_setup (returns 1 with a logged reason when no engine can be set up),
 # base_image (prints the tag of the CPU base image, building it once per recipe).
 
-CB_WORK=${CB_WORK:-$PWD/work/containers}
+CB_WORK=${CB_WORK:-$PWD/work}/containers  # work/ is ignored by git
 CPU_BASE_REPO=localhost/clinbundle-cpu-base
 
 log() { printf '[containers %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
