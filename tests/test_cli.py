@@ -14,8 +14,14 @@ import pytest
 CLI = [sys.executable, "-m", "clinbundle"]
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without MLflow URIs: mlflow.set_*_uri in earlier tests exports them."""
+    drop = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 900):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
+    env = clean_env() | (env or {})
     return subprocess.run(
         CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -89,7 +95,9 @@ def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
         "m = mlflow.pyfunc.load_model('models:/vessel-seg@champion'); "
         "print(m.predict(np.zeros((1, 1, 50, 60, 70), np.float32)).shape)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=clean_env()
+    )
     assert "(1, 2, 50, 60, 70)" in out.stdout, out.stderr[-2000:]
 
     # issue 4: the quickstart champion becomes a verified ONNX bundle, parity recorded in MLflow
@@ -106,7 +114,9 @@ def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
         "mv = mlflow.MlflowClient().get_model_version_by_alias('vessel-seg', 'champion'); "
         "print(mv.tags['parity_onnx'])"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=clean_env()
+    )
     assert out.stdout.startswith("pass max_abs="), out.stderr[-2000:]
 
 
