@@ -173,18 +173,18 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
     from clinbundle.packaging.bento import build_bento
     from clinbundle.packaging.onnx_bundle import build_onnx_bundle, verify_bundle
 
-    model = _resolve(args)
+    model, tolerances = _resolve(args), _tolerances(args)
     if args.bundle:
         bundle = Path(args.bundle)
         verify_bundle(bundle, device="cpu")
     else:
         bundle = _workdir(args) / "bundles" / f"{model.name}-v{model.version}-onnx"
-        build_onnx_bundle(model, bundle, device="cpu", tolerances=_tolerances(args), force=True)
+        build_onnx_bundle(model, bundle, device="cpu", tolerances=tolerances, force=True)
     archive, report = build_bento(
         model,
         bundle,
         Path(args.out),
-        tolerances=_tolerances(args),
+        tolerances=tolerances,
         validation_limit=args.validation_volumes,
         force=args.force,
     )

@@ -26,6 +26,7 @@ import numpy as np
 from clinbundle.contract import InferenceContract
 from clinbundle.errors import BundleError, ParityError
 from clinbundle.packaging.bundle import (
+    MANIFEST,
     build_manifest,
     check_hashes,
     read_manifest,
@@ -43,6 +44,7 @@ from clinbundle.packaging.parity import (
     settle_parity,
 )
 from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, torch_runtime
+from clinbundle.provenance import tree_hashes
 
 if TYPE_CHECKING:  # serving loads bundles without MLflow installed
     from clinbundle.packaging.model_source import ResolvedModel
@@ -111,7 +113,8 @@ def build_onnx_bundle(
         (tmp / "README.md").write_text(
             render_model_card(model, report, manifest, manifest["files"] | {"README.md": ""})
         )
-        write_manifest(tmp, build_manifest(tmp, "onnx", model, report, extra))
+        manifest["files"] = tree_hashes(tmp, exclude=(MANIFEST,))  # now with the card
+        write_manifest(tmp, manifest)
     return out, report
 
 
