@@ -6,7 +6,8 @@
 #    is changed, and images and build layers survive between runs of this script;
 #  - the base image is a Debian bookworm made with debootstrap (python3 = 3.11, venv), with the
 #    machine's extra CA certificates (an intercepting proxy signs outbound TLS).
-# Defines: engine_setup (returns 1 with a logged reason when no engine can be set up),
+# Defines: engine_setup (returns 1 with a logged reason when no engine can be set up; sets
+# CB_ULIMITS, the --ulimit flags to repeat whenever a run adds its own --ulimit),
 # base_image (prints the tag of the CPU base image, building it once per recipe).
 
 CB_WORK=${CB_WORK:-$PWD/work}/containers  # work/ is ignored by git
@@ -33,6 +34,8 @@ engine_setup() {
     nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
     [ "$nofile" = unlimited ] || [ "$nofile" -gt 32768 ] && nofile=32768
     [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ] && nproc=32768
+    # a `--ulimit` on the command line replaces all of default_ulimits: pass these with it
+    CB_ULIMITS=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")
     cat >"$CB_WORK/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]

@@ -2,13 +2,16 @@
 # Containers end to end (issue 8), run by .ci/run after `make test` (needs .venv):
 #   podman + local CPU base -> build Dockerfile.train -> real `mlflow server` on 127.0.0.1 ->
 #   train in the container (host network) -> check run, artifacts, registered version ->
-#   [resume after SIGKILL: needs issue 3] -> promote + `clinbundle package bento` on the host ->
-#   build Dockerfile.serve from the .bento -> run it -> /segment == the ONNX bundle's labels.
+#   SIGTERM / SIGKILL mid-run + `--resume` in a fresh container -> `train --nproc 2` (torchrun) ->
+#   promote + `clinbundle package bento` on the host -> build Dockerfile.serve from the .bento ->
+#   run it -> /segment == the ONNX bundle's labels -> `clinbundle package map` -> build the MAP
+#   image -> run it on a NIfTI folder with no network -> labels == the ONNX bundle's.
 # Exits non-zero when any step fails; exits 0 with the reason when no engine can be set up.
 # Images and build layers are cached in work/containers/ (ignored by git) between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+ulimit -s 32768 2>/dev/null || true  # holoscan (imported with monai here) warns below 32 MiB
 # shellcheck source=.ci/container-engine.sh
 . .ci/container-engine.sh
 
@@ -17,6 +20,8 @@ E2E=$CB_WORK/e2e
 MODEL=cb-containers
 TRAIN_IMAGE=localhost/clinbundle-train:ci
 SERVE_IMAGE=localhost/clinbundle-serve:ci
+PREEMPT_EPOCHS=20  # long enough that a signal sent after the first checkpoint lands mid-run
+MAP_IMAGE=localhost/clinbundle-map:ci
 TRAIN_SET=(--set 'model.filters=[8,16,32]' --set 'compute.patch_size=[32,32,32]'
     --set data.folds=3 --set train.epochs=2 --set train.val_every=1
     --set tracking.experiment=containers --set "tracking.model_name=$MODEL")
@@ -26,7 +31,7 @@ TIMES=()
 T_ALL=$SECONDS
 
 step() { STEP=$1; T0=$SECONDS; log "=== $1"; }
-took() { TIMES+=("$(printf '%-40s %4d s' "$STEP" $((SECONDS - T0)))"); }
+took() { TIMES+=("$(printf '%-50s %4d s' "$STEP" $((SECONDS - T0)))"); }
 banner() { log "################################################################"; log "$*"; log "################################################################"; }
 
 cleanup() {
@@ -139,24 +144,62 @@ podman rm "cb-train-$$" >/dev/null
 "$BIN/python" .ci/containers_check.py train "$URL" "$MODEL" "$RUN_ID" "$E2E/mlflow/artifacts" >&2
 took
 
-step "ephemeral instance: SIGKILL, then --resume"
-if podman run --rm "$TRAIN_IMAGE" train --help 2>/dev/null | grep -q -- '--resume'; then
-    # written against issue 3's interface: `train --resume RUN_ID` from the server's last.pt
-    CONTAINERS+=(cb-kill-$$ cb-resume-$$)
-    podman run -d --name "cb-kill-$$" --network host -v "$E2E/data:/data:ro" \
+# The ephemeral instance: the container goes away mid-run (SIGTERM: a spot reclaim, `docker
+# stop`; SIGKILL: the machine is gone), a fresh container with `--resume` finishes the same run.
+# Each gets its own experiment, so `--resume latest` has exactly one run to find.
+preempt_and_resume() {  # SIGNAL (TERM|KILL)  RESUME (id: the run's id | latest)
+    local sig=$1 ref=$2 name=cb-$1-$$ exp=preempt-$1 run code
+    CONTAINERS+=("$name" "$name-resume")
+    podman run -d --name "$name" --network host -v "$E2E/data:/data:ro" \
         -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --data /data "${TRAIN_SET[@]}" \
-        --set train.epochs=6 >/dev/null
-    KILL_RUN=$("$BIN/python" .ci/containers_check.py running-run "$URL" containers 300)
-    "$BIN/python" .ci/containers_check.py wait-checkpoint "$URL" "$KILL_RUN" 300 >&2
-    podman kill --signal KILL "cb-kill-$$" >/dev/null
-    log "SIGKILLed the training container (the instance is gone); resuming $KILL_RUN in a fresh one"
-    podman run --name "cb-resume-$$" --network host -v "$E2E/data:/data:ro" \
-        -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --resume "$KILL_RUN" --data /data \
-        >"$E2E/logs/resume.log" 2>&1 || { tail -n 40 "$E2E/logs/resume.log" >&2; exit 1; }
-    "$BIN/python" .ci/containers_check.py finished "$URL" "$KILL_RUN" >&2
-else
-    banner "SKIPPED resume: needs issue 3 ('clinbundle train --help' has no --resume)"
-fi
+        --set train.epochs=$PREEMPT_EPOCHS --set "tracking.experiment=$exp" >/dev/null
+    run=$("$BIN/python" .ci/containers_check.py running-run "$URL" "$exp" 300)
+    [ "$ref" = id ] && ref=$run
+    "$BIN/python" .ci/containers_check.py wait-checkpoint "$URL" "$run" 300 >&2
+    if [ "$sig" = TERM ]; then
+        podman stop -t 120 "$name" >/dev/null  # SIGTERM, SIGKILL only after 120 s
+    else
+        podman kill --signal KILL "$name" >/dev/null; podman wait "$name" >/dev/null || true
+    fi
+    code=$(podman inspect -f '{{.State.ExitCode}}' "$name")
+    podman logs "$name" >"$E2E/logs/preempt-$sig.log" 2>&1
+    grep -q "^.*epoch $PREEMPT_EPOCHS/$PREEMPT_EPOCHS .*compound" "$E2E/logs/preempt-$sig.log" \
+        && { log "the run finished before SIG$sig reached it: raise PREEMPT_EPOCHS"; exit 1; }
+    if [ "$sig" = TERM ]; then
+        [ "$code" = 143 ] || { tail -n 30 "$E2E/logs/preempt-$sig.log" >&2; log "exit $code after SIGTERM, expected 143"; exit 1; }
+        "$BIN/python" .ci/containers_check.py interrupted "$URL" "$run" >&2
+    else
+        [ "$code" = 137 ] || { log "exit $code after SIGKILL, expected 137"; exit 1; }
+    fi
+    log "SIG$sig stopped the training container (exit $code); a fresh one runs train --resume $ref"
+    podman run --name "$name-resume" --network host -v "$E2E/data:/data:ro" \
+        -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --resume "$ref" --data /data \
+        --set "tracking.experiment=$exp" >"$E2E/logs/resume-$sig.log" 2>&1 \
+        || { tail -n 40 "$E2E/logs/resume-$sig.log" >&2; exit 1; }
+    grep -q "continuing MLflow run $run" "$E2E/logs/resume-$sig.log" \
+        || { tail -n 20 "$E2E/logs/resume-$sig.log" >&2; log "--resume $ref did not continue run $run"; exit 1; }
+    "$BIN/python" .ci/containers_check.py finished "$URL" "$MODEL" "$run" "$PREEMPT_EPOCHS" 1 >&2
+    podman rm "$name" "$name-resume" >/dev/null
+}
+
+step "ephemeral instance: SIGTERM, then --resume RUN_ID"
+preempt_and_resume TERM id
+took
+
+step "ephemeral instance: SIGKILL, then --resume latest"
+preempt_and_resume KILL latest
+took
+
+step "torchrun in the container: train --nproc 2"
+CONTAINERS+=(cb-ddp-$$)
+podman run --name "cb-ddp-$$" --network host --shm-size 1g -v "$E2E/data:/data:ro" \
+    -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --nproc 2 --data /data "${TRAIN_SET[@]}" \
+    --set compute.batch_size=1 --set tracking.experiment=ddp >"$E2E/logs/ddp.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/ddp.log" >&2; exit 1; }
+DDP_RUN=$(sed -n 's/^run \([0-9a-f]\{32\}\): .*/\1/p' "$E2E/logs/ddp.log" | tail -n1)
+[ -n "$DDP_RUN" ] || { tail -n 20 "$E2E/logs/ddp.log" >&2; log "no run id in the torchrun output"; exit 1; }
+"$BIN/python" .ci/containers_check.py finished "$URL" "$MODEL" "$DDP_RUN" 2 2 >&2
+podman rm "cb-ddp-$$" >/dev/null
 took
 
 step "promote + package bento on the host"
@@ -203,12 +246,49 @@ VOLUME=$(find "$E2E/data/imagesTs" -name '*.nii.gz' | sort | head -n1)
 "$BIN/python" .ci/containers_check.py segment "http://127.0.0.1:$SPORT" "$BUNDLE" "$VOLUME" >&2
 took
 
-# MAP image (issue 6, not on main yet): build and run the MONAI Deploy MAP image here.
-
 podman rm -f -t 10 "cb-serve-$$" >/dev/null
+
+step "package map on the host + build the MAP image"
+export MLFLOW_TRACKING_URI=$URL
+"$BIN/clinbundle" package map --workdir "$E2E/host" --name "$MODEL" --out "$E2E/map" \
+    --validation-volumes 1 >"$E2E/logs/package-map.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/package-map.log" >&2; exit 1; }
+unset MLFLOW_TRACKING_URI
+# wheels go into a copy of the context (its wheels/ is mounted into the build, never copied
+# into the image), so the packaged context itself still verifies
+rm -rf "$E2E/map-build"; cp -a "$E2E/map" "$E2E/map-build"
+[ "$TORCH_SPEC" = torch ] || ln -f wheels/torch-"$TORCH_VERSION"-*.whl "$E2E/map-build/wheels/"
+"$BIN/clinbundle" verify "$E2E/map" >"$E2E/logs/verify-map.log" 2>&1 \
+    || { cat "$E2E/logs/verify-map.log" >&2; log "the MAP build context does not verify"; exit 1; }
+podman build --network host --format docker --build-arg "BASE_IMAGE=$BASE" -t "$MAP_IMAGE" \
+    "$E2E/map-build" >"$E2E/logs/build-map.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/build-map.log" >&2; log "building the MAP image failed"; exit 1; }
+[ "$(podman image inspect -f '{{.Config.User}} {{index .Config.Labels "org.monai.deploy.app-sdk"}}' "$MAP_IMAGE")" \
+    = 'holoscan 4.0.0' ] || { log "MAP image: wrong USER or SDK label"; exit 1; }
+podman run --rm --entrypoint /bin/sh "$MAP_IMAGE" -c 'set -e; test -f /etc/holoscan/app.json
+    test -f /etc/holoscan/pkg.json; test -f /var/holoscan/app.yaml; test -f /opt/holoscan/app/__main__.py
+    test -z "$(find / -xdev -name "*.whl" -not -path "/opt/holoscan/venv/*" -not -path "/usr/share/*" 2>/dev/null | head -n1)"' \
+    || { log "the MAP image lacks the MAP layout or holds wheels"; exit 1; }
+log "MAP image: user holoscan, MONAI Deploy SDK 4.0.0, /etc/holoscan/{app,pkg}.json, no wheels"
+took
+
+step "run the MAP image on a NIfTI folder (no network)"
+rm -rf "$E2E/map-in" "$E2E/map-out"; mkdir -p "$E2E/map-in" "$E2E/map-out"
+cp "$VOLUME" "$E2E/map-in/"
+chmod 0777 "$E2E/map-out"  # the MAP runs as uid 1000
+CONTAINERS+=(cb-map-$$)
+podman run --name "cb-map-$$" --network none "${CB_ULIMITS[@]}" --ulimit stack=33554432 \
+    -v "$E2E/map-in:/var/holoscan/input:ro" -v "$E2E/map-out:/var/holoscan/output" \
+    "$MAP_IMAGE" >"$E2E/logs/run-map.log" 2>&1 \
+    || { tail -n 40 "$E2E/logs/run-map.log" >&2; log "the MAP container failed"; exit 1; }
+podman rm "cb-map-$$" >/dev/null
+"$BIN/python" .ci/containers_check.py map "$E2E/map-out" "$E2E/map/models/$MODEL" \
+    "$E2E/map-in/$(basename "$VOLUME")" >&2
+took
+
 # no `podman image prune`: the untagged stage images are the build cache of the next run
 log "image sizes:"
-podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'clinbundle-(train|serve|cpu-base)' | sed 's/^/  /' >&2
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'clinbundle-(train|serve|map|cpu-base)' | sed 's/^/  /' >&2
 log "timings:"
 printf '  %s\n' "${TIMES[@]}" >&2
 log "containers: all steps passed in $((SECONDS - T_ALL)) s"

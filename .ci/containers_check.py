@@ -2,8 +2,10 @@
 
 containers_check.py train URL MODEL RUN_ID ARTIFACTS_DIR   the run, its files, its version
 containers_check.py wait-checkpoint URL RUN_ID TIMEOUT     until checkpoints/last.pt is logged
-containers_check.py finished URL RUN_ID                    the (resumed) run ended FINISHED
+containers_check.py interrupted URL RUN_ID                 SIGTERM ended the run KILLED, `last` kept
+containers_check.py finished URL MODEL RUN_ID EPOCHS WORLD the run ended FINISHED, nothing lost
 containers_check.py segment SERVICE_URL BUNDLE VOLUME      /segment == the ONNX bundle, exactly
+containers_check.py map OUT_DIR BUNDLE VOLUME              the MAP's NIfTI == the ONNX bundle, exactly
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def wait_checkpoint(url: str, run_id: str, timeout: str) -> int:
         ):
             print(f"run {run_id} has logged checkpoints/last.pt")
             return 0
-        time.sleep(2)
+        time.sleep(0.5)
     return fail(f"run {run_id} logged no last.pt in {timeout} s")
 
 
@@ -72,11 +74,46 @@ def running_run(url: str, experiment: str, timeout: str) -> int:
     return fail(f"no RUNNING run in experiment {experiment} after {timeout} s")
 
 
-def finished(url: str, run_id: str) -> int:
+def interrupted(url: str, run_id: str) -> int:
     run = MlflowClient(url).get_run(run_id)
-    if run.info.status != "FINISHED":
-        return fail(f"run {run_id} is {run.info.status} after the resume")
-    print(f"run {run_id} FINISHED after the resume")
+    tags = run.data.tags
+    if run.info.status != "KILLED" or tags.get("clinbundle.status") != "interrupted":
+        return fail(f"run {run_id} is {run.info.status} / {tags.get('clinbundle.status')}")
+    print(
+        f"run {run_id} ended KILLED, tagged interrupted ({tags.get('clinbundle.status_reason')}), "
+        f"last checkpoint {tags.get('clinbundle.last_checkpoint')}"
+    )
+    return 0
+
+
+def finished(url: str, model: str, run_id: str, epochs: str, world_size: str = "1") -> int:
+    """FINISHED, every epoch's metrics on the server exactly once, one version, `last` kept."""
+    client = MlflowClient(url)
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    if run.info.status != "FINISHED" or tags.get("clinbundle.status") != "finished":
+        return fail(f"run {run_id} is {run.info.status} / {tags.get('clinbundle.status')}")
+    want = list(range(1, int(epochs) + 1))
+    for key in ("train_loss", "val_loss", "dice"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        if steps != want:
+            return fail(f"run {run_id}: {key} at steps {steps}, expected each of {want} once")
+    if run.data.params.get("train_world_size", "1") != world_size:
+        return fail(f"run {run_id} trained on {run.data.params.get('train_world_size')} processes")
+    versions = [
+        v.version for v in client.search_model_versions(f"name='{model}'") if v.run_id == run_id
+    ]
+    if len(versions) != 1:
+        return fail(f"run {run_id} registered {len(versions)} versions of {model}: {versions}")
+    if not any(
+        f.path == "checkpoints/last.pt" for f in client.list_artifacts(run_id, "checkpoints")
+    ):
+        return fail(f"run {run_id} has no checkpoints/last.pt")
+    print(
+        f"run {run_id} FINISHED ({tags.get('clinbundle.resumes', '0')} resume(s), "
+        f"{world_size} process(es)): train_loss, val_loss, dice at epochs 1..{epochs} exactly once; "
+        f"one version ({model} v{versions[0]})"
+    )
     return 0
 
 
@@ -109,13 +146,36 @@ def segment(service: str, bundle: str, volume: str) -> int:
     return 0
 
 
+def map_output(out_dir: str, bundle: str, volume: str) -> int:
+    from clinbundle.packaging.onnx_bundle import load_bundle
+
+    out = Path(out_dir)
+    name = Path(volume).name.removesuffix(".nii.gz")
+    produced = sorted(p.name for p in out.iterdir())
+    if produced != [f"{name}_seg.nii.gz"]:
+        return fail(f"the MAP wrote {produced} to {out}, expected [{name}_seg.nii.gz]")
+    seg, image = nib.load(out / produced[0]), nib.load(volume)
+    raw = np.asarray(image.dataobj, dtype=np.float32)
+    expected = load_bundle(Path(bundle), device="cpu").predict(raw[None, None])[0].argmax(0)
+    got = np.asarray(seg.dataobj)
+    if got.shape != expected.shape:
+        return fail(f"the MAP's labels are {got.shape}, expected {expected.shape}")
+    differ = int((got != expected).sum())
+    if differ:
+        return fail(f"{differ} of {got.size} MAP labels differ from the ONNX bundle's")
+    print(f"MAP on {Path(volume).name} {raw.shape}: all {got.size} labels equal the ONNX bundle's")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     commands = {
         "train": check_train,
         "wait-checkpoint": wait_checkpoint,
         "running-run": running_run,
+        "interrupted": interrupted,
         "finished": finished,
         "segment": segment,
+        "map": map_output,
     }
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)

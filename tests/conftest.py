@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from clinbundle.packaging.bento import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -122,19 +123,13 @@ def packaged(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Pack
     return Packaged(trained, model, bundle, report)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts) that a test can
     stop and start again on the same port with the same store, like a restarted server."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "server-artifacts"
         self.proc: subprocess.Popen | None = None

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clinbundle.packaging.bento import free_port
 from clinbundle.packaging.onnx_bundle import load_bundle
 from clinbundle.packaging.runtimes import torch_runtime
 from clinbundle.training.synth import synthesize_volume
@@ -38,12 +39,6 @@ class Server:
     segment_while_loading: int
     tmpdir: Path
     archive: Path
-
-
-def _free_port() -> int:
-    from clinbundle.packaging.bento import free_port
-
-    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +79,7 @@ def server(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("serve")
     tmpdir = home / "tmp"
     tmpdir.mkdir()
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "BENTOML_HOME": str(home / "bentoml"),
         "TMPDIR": str(tmpdir),

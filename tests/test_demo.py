@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from clinbundle.apps.demo import (
 )
 from clinbundle.apps.render import dice_per_label, render_slice
 from clinbundle.errors import ClinbundleError, InputError
+from clinbundle.packaging.bento import free_port
 from clinbundle.packaging.onnx_bundle import load_bundle
 
 STARTUP_BOUND_S = 15.0  # the issue's bound for CPU start-up once installed (measured ~9 s)
@@ -52,12 +52,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -214,7 +208,7 @@ def test_endpoint_runtime_against_a_real_http_service(packaged, tmp_path: Path) 
         out = nib.Nifti1Image(labels, img.affine)
         return Response(gzip.compress(out.to_bytes()), media_type="application/gzip")
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -259,7 +253,7 @@ def chromium_path() -> str:
 def demo_server(packaged, tmp_path_factory):
     """`clinbundle demo` as a subprocess: time from process start to HTTP 200 on the page."""
     workdir = tmp_path_factory.mktemp("demo")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": packaged.trained.tracking_uri,

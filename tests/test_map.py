@@ -7,7 +7,9 @@ the MAP runtime runs it (`python app -i -o -m`), offline (`unshare --net`).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -19,6 +21,7 @@ import yaml
 from pydicom import dcmread
 
 from clinbundle.cli import main
+from clinbundle.errors import BundleError
 from clinbundle.packaging.bundle import check_hashes, read_manifest
 from clinbundle.packaging.dicom_synth import (
     SeriesInfo,
@@ -27,7 +30,7 @@ from clinbundle.packaging.dicom_synth import (
     write_ct_series,
 )
 from clinbundle.packaging.map_bundle import read_seg_labels, run_map
-from clinbundle.packaging.onnx_bundle import load_bundle
+from clinbundle.packaging.onnx_bundle import load_bundle, verify_bundle
 from clinbundle.packaging.parity import ParityCase, Tolerances, check_parity
 from clinbundle.packaging.runtimes import Runtime, torch_runtime
 from clinbundle.training.synth import synthesize_volume
@@ -130,6 +133,13 @@ def test_build_context_follows_the_map_layout(map_dir: Path, packaged) -> None:
     ):
         assert line in docker, line
     assert "ARG UNAME=holoscan" in docker
+    lint = subprocess.run(
+        [str(Path(sys.executable).with_name("hadolint")), str(map_dir / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
     manifest = read_manifest(map_dir)
     assert manifest["format"] == "map" and check_hashes(map_dir, manifest) == []
@@ -141,6 +151,26 @@ def test_build_context_follows_the_map_layout(map_dir: Path, packaged) -> None:
         packaged.model.name, packaged.model.version
     )
     assert mv.tags["parity_map"].startswith("pass")
+
+
+def test_verify_checks_the_whole_context_then_its_onnx_bundle(
+    map_dir: Path, tmp_path: Path
+) -> None:
+    """`clinbundle verify` on a MAP: every file's hash, then the nested bundle's own sample."""
+    report = verify_bundle(map_dir, device="cpu")
+    assert report.passed and [c.name for c in report.cases] == ["sample"]
+    docker = (map_dir / "Dockerfile").read_text()
+    assert "RUN --mount=type=bind,source=wheels,target=/tmp/wheels" in docker
+    assert (map_dir / "wheels" / "README.md").is_file()
+
+    copy = tmp_path / "ctx"
+    shutil.copytree(map_dir, copy)
+    app = copy / "app" / "clinbundle" / "inference.py"
+    app.write_text(app.read_text() + "\n# changed\n")
+    (copy / "wheels" / "extra.whl").write_bytes(b"not a wheel")
+    with pytest.raises(BundleError) as err:
+        verify_bundle(copy, device="cpu")
+    assert "app/clinbundle/inference.py" in str(err.value) and "wheels/extra.whl" in str(err.value)
 
 
 def test_nifti_labels_equal_the_onnx_bundle_offline(

@@ -63,8 +63,17 @@ SDK_VERSION = "4.0.0"
 #: A CUDA 13 runtime image (holoscan-cu13 needs libcudart.so.13); override with --build-arg.
 DEFAULT_BASE_IMAGE = "nvcr.io/nvidia/cuda:13.0.1-runtime-ubuntu24.04"
 DICOM_CASE = "odd"  # the parity case that is also sent as a DICOM series
+#: What holoscan-cu13 needs on a base image without CUDA 13 (CPU-only hosts, CI's stand-in).
+CUDART_REQUIREMENT = "nvidia-cuda-runtime==13.0.*"
 STACK_BYTES = 32 * 1024 * 1024  # holoscan warns (and may crash) below a 32 MiB stack
 APP_RUN_TIMEOUT_S = 600
+
+
+WHEELS_README = """\
+Wheels put here are mounted into the image build and preferred by pip (`--find-links`):
+for a build with no network, or a CPU build of torch on a CPU-only host. The image never holds
+them. Add them to a copy of this folder, so that `clinbundle verify` of the original still holds.
+"""
 
 
 def _requirement_lines() -> list[str]:
@@ -150,6 +159,7 @@ def dockerfile(app_json: dict, model_name: str, title: str, version: str) -> str
     env = app_json["environment"]
     work = app_json["workingDirectory"]
     lines = [
+        "# syntax=docker/dockerfile:1",
         "# MONAI Deploy Application Package made by `clinbundle package map`.",
         "# docker build -t NAME . ; docker run --rm --ulimit stack=33554432 \\",
         "#   -v IN:/var/holoscan/input -v OUT:/var/holoscan/output NAME",
@@ -159,14 +169,18 @@ def dockerfile(app_json: dict, model_name: str, title: str, version: str) -> str
         "ARG UID=1000",
         "ARG GID=1000",
         "ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1",
-        "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \\",
-        "    && rm -rf /var/lib/apt/lists/*",
+        "# python3 (>= 3.11) with venv: from the base image when it has them, else from apt",
+        "# hadolint ignore=DL3008",
+        "RUN if python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' \\",
+        '    2>/dev/null; then echo "base image has $(python3 --version)"; \\',
+        "    else apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \\",
+        "    && rm -rf /var/lib/apt/lists/*; fi",
         f'LABEL org.opencontainers.image.title="{title}"',
         f'LABEL org.opencontainers.image.version="{version}"',
         f'LABEL org.monai.deploy.app-sdk="{SDK_VERSION}"',
         "# uid 1000 may be taken by the base image's default user (ubuntu)",
         "RUN (userdel -r ubuntu 2>/dev/null || true) && groupadd -f -g $GID $UNAME \\",
-        "    && useradd -m -d /home/$UNAME -s /bin/bash -g $GID -u $UID $UNAME",
+        "    && useradd -l -m -d /home/$UNAME -s /bin/bash -g $GID -u $UID $UNAME",
         f"RUN mkdir -p /etc/holoscan {env['HOLOSCAN_APPLICATION']} {env['HOLOSCAN_MODEL_PATH']} \\",
         f"    {work}/input {work}/output {env['HOLOSCAN_LOGS_PATH']} \\",
         f"    && chown -R $UID:$GID {work}",
@@ -178,8 +192,16 @@ def dockerfile(app_json: dict, model_name: str, title: str, version: str) -> str
             if k not in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH")
         ),
         "COPY pip/requirements.txt /tmp/requirements.txt",
-        "RUN python3 -m venv /opt/holoscan/venv \\",
-        "    && /opt/holoscan/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt",
+        "# wheels/ (mounted, not copied): local wheels pip prefers, e.g. for an offline build",
+        "RUN --mount=type=bind,source=wheels,target=/tmp/wheels \\",
+        "    python3 -m venv /opt/holoscan/venv \\",
+        "    && /opt/holoscan/venv/bin/pip install --no-cache-dir --find-links /tmp/wheels \\",
+        "       -r /tmp/requirements.txt",
+        "# holoscan-cu13 loads libcudart.so.13: a CUDA 13 base has it, any other base gets it from PyPI",
+        "RUN if ! python3 -c \"import ctypes; ctypes.CDLL('libcudart.so.13')\" 2>/dev/null; then \\",
+        f"    /opt/holoscan/venv/bin/pip install --no-cache-dir '{CUDART_REQUIREMENT}' \\",
+        "    && ls -d /opt/holoscan/venv/lib/python3*/site-packages/nvidia/cu13/lib \\",
+        "       > /etc/ld.so.conf.d/zz-cudart-pypi.conf && ldconfig; fi",
         "ENV PATH=/opt/holoscan/venv/bin:$PATH",
         f"COPY models/{model_name} {env['HOLOSCAN_MODEL_PATH']}/{model_name}",
         f"COPY map/app.json {env['HOLOSCAN_APP_MANIFEST_PATH']}",
@@ -361,6 +383,8 @@ def build_map(
             + "\n".join(_requirement_lines())
             + "\n"
         )
+        (tmp / "wheels").mkdir()
+        (tmp / "wheels" / "README.md").write_text(WHEELS_README)
         app_json, _pkg = write_manifests(tmp, name)
         (tmp / "Dockerfile").write_text(
             dockerfile(app_json, name, title, config["application"]["version"])

@@ -156,6 +156,11 @@ def verify_bundle(path: Path, device: str = "auto") -> ParityReport:
     problems = check_hashes(path, manifest)
     if problems:
         raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
+    if manifest.get("format") == "map":  # a MAP build context: its models/<name> is a bundle
+        nested = sorted(p.parent for p in path.glob(f"models/*/{MANIFEST}"))
+        if len(nested) != 1:
+            raise BundleError(f"{path}: a MAP holds one ONNX bundle under models/, found {nested}")
+        return verify_bundle(nested[0], device)
     try:
         bundle = load_bundle(path, device)
     except BundleError:
