@@ -215,6 +215,7 @@ def _bad_inputs() -> list:
         ("/segment", _npy(inf), 400, "NaN or Inf"),
         ("/segment", b"", 400, "empty"),
         ("/segment", full[: len(full) // 2], 400, "corrupt"),
+        ("/segment", b"\x1f\x8b\x08\x00 not a deflate stream", 400, "corrupt gzip"),
         ("/segment", gzip.decompress(full)[:400], 400, "corrupt NIfTI"),
         ("/segment", b"patient,name\n1,x\n", 400, "not a NIfTI"),
         ("/segment", _npy(np.array([{"a": 1}] * 8, dtype=object)), 400, "allow_pickle=False"),

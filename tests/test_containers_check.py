@@ -28,7 +28,9 @@ def _check(*args: str) -> subprocess.CompletedProcess:
 
 
 def _run(client: MlflowClient, tmp: Path, steps: list[int], status: str, tags: dict) -> str:
-    exp = client.create_experiment(f"e{len(client.search_experiments())}")
+    exp = client.create_experiment(
+        f"e{len(client.search_experiments())}", artifact_location=(tmp / "artifacts").as_uri()
+    )
     run = client.create_run(exp, tags=tags)
     for step in steps:
         for key in ("train_loss", "val_loss", "dice"):

@@ -114,14 +114,22 @@ def _write(path: Path, data: bytes | np.ndarray) -> Path:
     ("name", "data", "needle"),
     [
         ("notes.txt", b"hello", "not a NIfTI"),
-        ("broken.nii.gz", b"\x1f\x8b this is not gzip at all", "cannot read it as NIfTI"),
-        ("truncated.nii", b"\x00" * 100, "cannot read it as NIfTI"),
-        ("garbage.npy", b"not numpy", "cannot read it as NumPy"),
-        ("flat.npy", np.zeros((32, 32), np.float32), "expected a 3-D volume, got a 2-D"),
-        ("fourd.npy", np.zeros((8, 8, 8, 2), np.float32), "expected a 3-D volume, got a 4-D"),
+        ("broken.nii.gz", b"\x1f\x8b this is not gzip at all", "corrupt gzip file"),
+        ("deflate.nii.gz", b"\x1f\x8b\x08\x00 definitely not a volume", "corrupt gzip file"),
+        ("truncated.nii", b"\x00" * 100, "not a NIfTI"),
+        ("garbage.npy", b"not numpy", "not a NIfTI"),
+        ("halved.npy", b"\x93NUMPY\x01\x00", "corrupt .npy file"),
+        (
+            "flat.npy",
+            np.zeros((32, 32), np.float32),
+            r"must be 3-D \(D, H, W\), got shape \(32, 32\)",
+        ),
+        ("fourd.npy", np.zeros((8, 8, 8, 2), np.float32), "must be 3-D"),
         ("nan.npy", np.full((8, 8, 8), np.nan, np.float32), "NaN or Inf"),
-        ("text.npy", np.array([["a"] * 3] * 3), "not numbers"),
-        ("empty.npy", np.zeros((0, 8, 8), np.float32), "empty axis"),
+        ("text.npy", np.full((3, 3, 3), "a"), "real numbers"),
+        ("pickled.npy", np.array([{"a": 1}] * 3, dtype=object), "allow_pickle=False"),
+        ("empty.npy", np.zeros((0, 8, 8), np.float32), "is empty"),
+        ("huge.npy", np.zeros((260, 256, 256), np.uint8), "over what this demo runs"),
     ],
 )
 def test_bad_uploads_are_one_clear_message(tmp_path: Path, name, data, needle) -> None:
@@ -377,7 +385,7 @@ def test_reviewer_flow_in_a_real_browser(demo_server, tracking, tmp_path: Path) 
 
             # a corrupt upload: an error in the page, and the page keeps working
             page.locator("#upload input[type=file]").set_input_files(str(bad))
-            expect(page.get_by_text("cannot read it as NIfTI").first).to_be_visible()
+            expect(page.get_by_text("corrupt gzip file").first).to_be_visible()
             page.locator("#sample input").click()
             page.get_by_role("option", name="vessel_t001").click()
             expect(page.locator("#status")).to_contain_text("Loaded vessel_t001")

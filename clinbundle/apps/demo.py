@@ -35,12 +35,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from clinbundle.apps import http_io
 from clinbundle.apps.render import VIEW_AXIS, VIEWS, dice_per_label, display_window, render_slice
 from clinbundle.errors import ClinbundleError, InputError
 
 log = logging.getLogger("clinbundle.demo")
 
-SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".npy")
 MAX_VOXELS = 256**3  # larger uploads would take minutes on a CPU: refuse them clearly
 SAMPLE_SHAPE = (64, 64, 64)
 SAMPLE_SEED = 7
@@ -70,55 +70,19 @@ class Case:
         self.window = display_window(self.image)
 
 
-def _suffix(name: str) -> str:
-    lower = name.lower()
-    return next((s for s in SUPPORTED_SUFFIXES if lower.endswith(s)), "")
-
-
 def read_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
-    """A 3-D numeric array and its affine from .nii/.nii.gz/.npy; InputError says what is wrong.
+    """A 3-D float32 array and its affine from a NIfTI or .npy file; InputError names the file.
 
-    Singleton axes beyond the third (a 4-D NIfTI with one time point) are dropped; anything
-    else that is not 3-D, not numeric, not finite, empty or too large is refused here, before
-    it reaches a runtime, so the message names the file and not a tensor deep in MONAI.
+    The service's reader (`http_io.read_volume`: by the bytes, bounded gunzip, no pickles, 3-D
+    real finite numbers), so the demo refuses exactly what the service refuses, with this
+    demo's voxel limit.
     """
     path = Path(path)
-    label = path.name
-    suffix = _suffix(label)
-    if not suffix:
-        raise InputError(
-            f"{label}: not a NIfTI (.nii, .nii.gz) or NumPy (.npy) file; upload one of those"
-        )
     try:
-        if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            affine = np.eye(4)
-        else:
-            img = nib.load(path)
-            array = np.asanyarray(img.dataobj)
-            affine = np.asarray(img.affine, dtype=float)
-    except Exception as e:  # nibabel/numpy raise many types for corrupt or truncated files
-        kind = "NumPy .npy" if suffix == ".npy" else "NIfTI"
-        raise InputError(f"{label}: cannot read it as {kind} ({type(e).__name__}: {e})") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise InputError(f"{label}: holds {getattr(array, 'dtype', '?')} data, not numbers")
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise InputError(
-            f"{label}: expected a 3-D {what}, got a {array.ndim}-D array of shape {array.shape}"
-        )
-    if min(array.shape) < 1:
-        raise InputError(f"{label}: has an empty axis (shape {array.shape})")
-    if array.size > MAX_VOXELS:
-        raise InputError(
-            f"{label}: {array.size:,} voxels is more than this demo runs ({MAX_VOXELS:,}); "
-            "crop or downsample it"
-        )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(array.size - np.isfinite(array).sum())
-        raise InputError(f"{label}: holds {bad} NaN or Inf value(s); fix or mask them first")
-    return array, affine
+        array, affine = http_io.read_volume(path, MAX_VOXELS, "what this demo runs")
+    except http_io.BadRequest as e:
+        raise InputError(f"{path.name} ({what}): {e}") from None
+    return array[0, 0], np.asarray(affine, dtype=float)
 
 
 def _sha256(array: np.ndarray) -> str:

@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -67,27 +68,41 @@ def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
     return bundle
 
 
-def _check_volume(array: np.ndarray, what: str) -> None:
+SERVICE_LIMIT = "this service's limit (CLINBUNDLE_MAX_VOXELS)"
+
+
+def _check_volume(
+    array: np.ndarray, what: str, max_voxels: int = MAX_VOXELS, limit_name: str = SERVICE_LIMIT
+) -> None:
     if array.size == 0 or min(array.shape, default=0) == 0:
         raise BadRequest(f"{what} is empty (shape {array.shape})")
-    if array.size > MAX_VOXELS:
+    if array.size > max_voxels:
         raise TooLarge(
-            f"{what} has {array.size} voxels, over this service's limit of {MAX_VOXELS} "
-            "(CLINBUNDLE_MAX_VOXELS); crop or downsample it"
+            f"{what} has {array.size} voxels, over {limit_name} of {max_voxels}; "
+            "crop or downsample it"
         )
     if not np.isfinite(array).all():
         raise BadRequest(f"{what} holds NaN or Inf values; fix or mask them first")
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Upload -> (float32 (1, 1, D, H, W), affine); identity affine for .npy."""
+def read_volume(
+    path: Path,
+    max_voxels: int = MAX_VOXELS,
+    limit_name: str = SERVICE_LIMIT,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Upload -> (float32 (1, 1, D, H, W), affine); identity affine for .npy.
+
+    The one reader of uploaded volumes (the service and the demo): it goes by the bytes, not
+    the name, unpacks gzip with a bound, never unpickles, and refuses what a runtime would
+    choke on (not 3-D, not real numbers, empty, NaN/Inf, too large) with a BadRequest.
+    """
     data = Path(path).read_bytes()
     if not data:
         raise BadRequest("the uploaded file is empty")
     if data[:6] == b"\x93NUMPY":
         array = _npy(data)
         if array.ndim != 3:
-            raise BadRequest(f"a .npy for /segment must be 3-D (D, H, W), got shape {array.shape}")
+            raise BadRequest(f"a .npy volume must be 3-D (D, H, W), got shape {array.shape}")
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise BadRequest(f"a .npy volume must hold real numbers, got {array.dtype}")
         array = array.astype(np.float32)
@@ -105,7 +120,7 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise BadRequest(f"NIfTI data type {dtype} is not a real-valued intensity volume")
         array = np.asarray(image.get_fdata(dtype=np.float32))
         affine = image.affine
-    _check_volume(array, "the volume")
+    _check_volume(array, "the volume", max_voxels, limit_name)
     return array[None, None], affine
 
 
@@ -127,7 +142,7 @@ def _nifti(data: bytes) -> nib.Nifti1Image:
         try:
             with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
                 data = f.read(MAX_REQUEST_BYTES * 8 + 1)  # a bounded read: no gzip bombs
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
             raise BadRequest(f"corrupt gzip file ({e})") from None
         if len(data) > MAX_REQUEST_BYTES * 8:
             raise TooLarge("the gzip file unpacks to more than this service accepts")
@@ -135,7 +150,7 @@ def _nifti(data: bytes) -> nib.Nifti1Image:
     cls = {b"n+1\x00": nib.Nifti1Image, b"n+2\x00": nib.Nifti2Image}.get(magic)
     if cls is None:
         raise BadRequest(
-            "not a NIfTI (.nii / .nii.gz) or .npy file; /segment takes a 3-D NIfTI or .npy volume"
+            "not a NIfTI (.nii / .nii.gz) or .npy file; send a 3-D NIfTI or .npy volume"
         )
     try:
         image = cls.from_bytes(data)
