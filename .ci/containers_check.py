@@ -25,6 +25,21 @@ def fail(msg: str) -> int:
     return 1
 
 
+def has_last(client: MlflowClient, run_id: str) -> bool:
+    return any(
+        f.path == "checkpoints/last.pt" for f in client.list_artifacts(run_id, "checkpoints")
+    )
+
+
+def bundle_labels(bundle: str, volume: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """What the ONNX bundle answers for a NIfTI volume: the reference every container matches."""
+    from clinbundle.packaging.onnx_bundle import load_bundle
+
+    image = nib.load(volume)
+    raw = np.asarray(image.dataobj, dtype=np.float32)
+    return load_bundle(Path(bundle), device="cpu").predict(raw[None, None])[0].argmax(0), image
+
+
 def check_train(url: str, model: str, run_id: str, artifacts: str) -> int:
     client = MlflowClient(url)
     run = client.get_run(run_id)
@@ -51,9 +66,7 @@ def check_train(url: str, model: str, run_id: str, artifacts: str) -> int:
 def wait_checkpoint(url: str, run_id: str, timeout: str) -> int:
     client, deadline = MlflowClient(url), time.monotonic() + float(timeout)
     while time.monotonic() < deadline:
-        if any(
-            f.path == "checkpoints/last.pt" for f in client.list_artifacts(run_id, "checkpoints")
-        ):
+        if has_last(client, run_id):
             print(f"run {run_id} has logged checkpoints/last.pt")
             return 0
         time.sleep(0.5)
@@ -105,9 +118,7 @@ def finished(url: str, model: str, run_id: str, epochs: str, world_size: str = "
     ]
     if len(versions) != 1:
         return fail(f"run {run_id} registered {len(versions)} versions of {model}: {versions}")
-    if not any(
-        f.path == "checkpoints/last.pt" for f in client.list_artifacts(run_id, "checkpoints")
-    ):
+    if not has_last(client, run_id):
         return fail(f"run {run_id} has no checkpoints/last.pt")
     print(
         f"run {run_id} FINISHED ({tags.get('clinbundle.resumes', '0')} resume(s), "
@@ -118,8 +129,6 @@ def finished(url: str, model: str, run_id: str, epochs: str, world_size: str = "
 
 
 def segment(service: str, bundle: str, volume: str) -> int:
-    from clinbundle.packaging.onnx_bundle import load_bundle
-
     with open(volume, "rb") as f:
         r = requests.post(f"{service}/segment", files={"file": (Path(volume).name, f)}, timeout=300)
     if r.status_code != 200:
@@ -127,9 +136,7 @@ def segment(service: str, bundle: str, volume: str) -> int:
     out = Path(volume).with_name("served-labels.nii.gz")
     out.write_bytes(r.content)
     served = nib.load(out)
-    image = nib.load(volume)
-    raw = np.asarray(image.dataobj, dtype=np.float32)
-    expected = load_bundle(Path(bundle), device="cpu").predict(raw[None, None])[0].argmax(0)
+    expected, image = bundle_labels(bundle, volume)
     got = np.asarray(served.dataobj)
     if got.dtype != np.uint8 or got.shape != expected.shape:
         return fail(f"served labels {got.dtype} {got.shape}, expected uint8 {expected.shape}")
@@ -140,30 +147,28 @@ def segment(service: str, bundle: str, volume: str) -> int:
         return fail(f"{differ} of {got.size} labels differ from the ONNX bundle's")
     meta = requests.get(f"{service}/metadata", timeout=30).json()
     print(
-        f"/segment on {Path(volume).name} {raw.shape}: all {got.size} labels equal the ONNX "
+        f"/segment on {Path(volume).name} {image.shape}: all {got.size} labels equal the ONNX "
         f"bundle's ({int(got.sum())} foreground); service metadata: {meta.get('model', meta)!s:.200}"
     )
     return 0
 
 
 def map_output(out_dir: str, bundle: str, volume: str) -> int:
-    from clinbundle.packaging.onnx_bundle import load_bundle
-
     out = Path(out_dir)
     name = Path(volume).name.removesuffix(".nii.gz")
     produced = sorted(p.name for p in out.iterdir())
     if produced != [f"{name}_seg.nii.gz"]:
         return fail(f"the MAP wrote {produced} to {out}, expected [{name}_seg.nii.gz]")
-    seg, image = nib.load(out / produced[0]), nib.load(volume)
-    raw = np.asarray(image.dataobj, dtype=np.float32)
-    expected = load_bundle(Path(bundle), device="cpu").predict(raw[None, None])[0].argmax(0)
-    got = np.asarray(seg.dataobj)
+    expected, image = bundle_labels(bundle, volume)
+    got = np.asarray(nib.load(out / produced[0]).dataobj)
     if got.shape != expected.shape:
         return fail(f"the MAP's labels are {got.shape}, expected {expected.shape}")
     differ = int((got != expected).sum())
     if differ:
         return fail(f"{differ} of {got.size} MAP labels differ from the ONNX bundle's")
-    print(f"MAP on {Path(volume).name} {raw.shape}: all {got.size} labels equal the ONNX bundle's")
+    print(
+        f"MAP on {Path(volume).name} {image.shape}: all {got.size} labels equal the ONNX bundle's"
+    )
     return 0
 
 
