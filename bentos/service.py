@@ -6,7 +6,8 @@ model loads in a background thread: /readyz is 503 until it is loaded and warmed
 
 Environment: CLINBUNDLE_BENTO_MODEL (model tag, default clinbundle-onnx:latest),
 CLINBUNDLE_DEVICE (auto|cpu|cuda), CLINBUNDLE_API_TOKEN (bearer token; auth off when unset),
-CLINBUNDLE_MAX_VOXELS, CLINBUNDLE_MAX_REQUEST_BYTES, CLINBUNDLE_WARMUP_RUNS.
+CLINBUNDLE_MAX_VOXELS, CLINBUNDLE_MAX_REQUEST_BYTES, CLINBUNDLE_MAX_CONCURRENCY (requests in
+flight; more get 429), CLINBUNDLE_WARMUP_RUNS.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from starlette.routing import Route
 from clinbundle.apps import http_io
 
 log = logging.getLogger("clinbundle.bento")
+log.info(
+    "max_concurrency %d (CLINBUNDLE_MAX_CONCURRENCY): requests beyond it get 429",
+    http_io.MAX_CONCURRENCY,
+)
 MODEL = bentoml.models.BentoModel(
     os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")
 )
@@ -43,7 +48,7 @@ async def metadata(_request) -> JSONResponse:
 
 
 @bentoml.asgi_app(Starlette(routes=[Route("/", metadata)]), path="/metadata")
-@bentoml.service(traffic={"timeout": 600, "max_concurrency": 8})
+@bentoml.service(traffic={"timeout": 600, "max_concurrency": http_io.MAX_CONCURRENCY})
 class Segmentation:
     bundle_model = MODEL
 

@@ -10,7 +10,9 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-test-token"
 MAX_VOXELS = 300_000  # a 70^3 volume is over it; the test volumes are under
 MAX_BYTES = 8 * 1024**2
+MAX_CONCURRENCY = 2  # a burst of 6 must overflow it
 
 
 @dataclass
@@ -86,6 +89,7 @@ def server(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
         "CLINBUNDLE_API_TOKEN": TOKEN,
         "CLINBUNDLE_MAX_VOXELS": str(MAX_VOXELS),
         "CLINBUNDLE_MAX_REQUEST_BYTES": str(MAX_BYTES),
+        "CLINBUNDLE_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "CLINBUNDLE_WARMUP_RUNS": "25",  # a loading window long enough to observe
     }
     proc = subprocess.Popen(
@@ -263,6 +267,33 @@ def test_auth_metadata_and_bentoml_endpoints(server: Server, packaged) -> None:
     assert m["parity"]["passed"] and "CPUExecutionProvider" in m["execution_provider"]
     assert {"bentoml", "onnxruntime"} <= set(m["serving_libraries"])
     assert "bentoml_service_request_total" in httpx.get(server.url + "/metrics").text
+
+
+def test_requests_beyond_max_concurrency_get_429_and_the_server_keeps_serving(
+    server: Server,
+) -> None:
+    """A burst over CLINBUNDLE_MAX_CONCURRENCY: 200s and 429s with an error body, never a 500."""
+    meta = httpx.get(server.url + "/metadata", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert meta.json()["limits"]["max_concurrency"] == MAX_CONCURRENCY
+    payload = _npy(_volume((64, 64, 64), seed=10))
+    burst = 3 * MAX_CONCURRENCY
+    for _attempt in range(3):  # a burst must land while the first requests are in inference
+        barrier = threading.Barrier(burst)
+
+        def one(_: int, barrier: threading.Barrier = barrier) -> httpx.Response:
+            barrier.wait()
+            return _post(server.url, "/segment", payload)
+
+        with ThreadPoolExecutor(burst) as pool:
+            responses = list(pool.map(one, range(burst)))
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) <= {200, 429}, [(r.status_code, r.text[:300]) for r in responses]
+        if 429 in statuses:
+            break
+    assert 200 in statuses and 429 in statuses, statuses
+    assert statuses.count(200) >= MAX_CONCURRENCY, statuses  # the limit's worth got through
+    assert all(r.json()["error"] for r in responses if r.status_code == 429)
+    assert _post(server.url, "/segment", payload).status_code == 200
 
 
 def test_bento_parity_is_on_the_model_version_and_inside_the_bento(

@@ -33,6 +33,10 @@ log = logging.getLogger("clinbundle.service")
 #: Request body limit (bytes) and volume limit (voxels); both overridable by environment.
 MAX_REQUEST_BYTES = int(os.environ.get("CLINBUNDLE_MAX_REQUEST_BYTES", 512 * 1024**2))
 MAX_VOXELS = int(os.environ.get("CLINBUNDLE_MAX_VOXELS", 256**3))
+#: Requests in flight at once; more are refused at once with 429 (BentoML's max_concurrency),
+#: not queued: each one holds a volume and its probabilities, and on a CPU a queue only turns
+#: into client timeouts. Raise it on a machine with more cores or a GPU.
+MAX_CONCURRENCY = int(os.environ.get("CLINBUNDLE_MAX_CONCURRENCY", 8))
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None}
 
@@ -224,7 +228,11 @@ def service_metadata(bundle_path: Path) -> dict:
         "serving_libraries": serving,
         "execution_provider": STATE["execution_provider"],
         "loaded_at": STATE["loaded_at"],
-        "limits": {"max_request_bytes": MAX_REQUEST_BYTES, "max_voxels": MAX_VOXELS},
+        "limits": {
+            "max_request_bytes": MAX_REQUEST_BYTES,
+            "max_voxels": MAX_VOXELS,
+            "max_concurrency": MAX_CONCURRENCY,
+        },
     }
 
 
