@@ -171,15 +171,19 @@ def cmd_package_onnx(args: argparse.Namespace) -> int:
 
 def cmd_package_bento(args: argparse.Namespace) -> int:
     from clinbundle.packaging.bento import build_bento
-    from clinbundle.packaging.onnx_bundle import build_onnx_bundle, verify_bundle
+    from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_reference, verify_bundle
 
     model, tolerances = _resolve(args), _tolerances(args)
+    reference = None
     if args.bundle:
         bundle = Path(args.bundle)
         verify_bundle(bundle, device="cpu")
     else:
         bundle = _workdir(args) / "bundles" / f"{model.name}-v{model.version}-onnx"
-        build_onnx_bundle(model, bundle, device="cpu", tolerances=tolerances, force=True)
+        reference = parity_reference(model, args.validation_volumes)  # once for both checks
+        build_onnx_bundle(
+            model, bundle, device="cpu", tolerances=tolerances, force=True, reference=reference
+        )
     archive, report = build_bento(
         model,
         bundle,
@@ -187,6 +191,7 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
         tolerances=tolerances,
         validation_limit=args.validation_volumes,
         force=args.force,
+        reference=reference,
     )
     print(f"parity over HTTP: {report.summary()}")
     print(archive.resolve())

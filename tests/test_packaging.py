@@ -19,8 +19,8 @@ from clinbundle.packaging import onnx_bundle
 from clinbundle.packaging.model_source import canonical_uri, resolve_model
 from clinbundle.packaging.onnx_bundle import build_onnx_bundle, load_bundle, verify_bundle
 from clinbundle.packaging.onnx_export import embedded_contract, export_onnx
-from clinbundle.packaging.parity import ParityCase, Tolerances, compare
-from clinbundle.packaging.runtimes import CUDA_EP, select_providers
+from clinbundle.packaging.parity import ParityCase, Reference, Tolerances, compare
+from clinbundle.packaging.runtimes import CUDA_EP, Runtime, select_providers
 from clinbundle.provenance import sha256_file
 
 
@@ -64,6 +64,25 @@ def test_run_uri_finds_its_registered_version(tracking, tmp_path: Path) -> None:
     m = resolve_model(f"runs:/{tracking.run_id}/model", tmp_path)
     assert (m.name, m.version, m.run_id) == (tracking.name, tracking.version, tracking.run_id)
     assert m.contract.num_classes == 2 and m.weights_path.is_file()
+
+
+def test_reference_runs_each_suite_volume_once_and_keeps_its_time() -> None:
+    """One packaging run checks several formats against one PyTorch pass over the suite."""
+    calls: list[int] = []
+
+    def run(volume: np.ndarray) -> np.ndarray:
+        calls.append(id(volume))
+        return volume * 2
+
+    suite = [ParityCase("a", np.ones((1, 1, 2, 2, 2), np.float32))]
+    reference = Reference(Runtime(run, "doubling"), suite)
+    first, t_first = reference.output(suite[0].volume)
+    again, t_again = reference.output(suite[0].volume)
+    assert again is first and t_again == t_first and calls == [id(suite[0].volume)]
+    other = np.zeros((1, 1, 2, 2, 2), np.float32)  # not in the suite: never remembered
+    reference.output(other)
+    reference.output(other)
+    assert calls.count(id(other)) == 2 and reference.description == "doubling"
 
 
 def test_compare_counts_flips_dice_and_gates(tracking) -> None:

@@ -32,8 +32,14 @@ import yaml
 import clinbundle
 from clinbundle.errors import BundleError, ParityError
 from clinbundle.packaging.bundle import staged_folder
-from clinbundle.packaging.parity import ParityReport, Tolerances, check_parity, settle_parity
-from clinbundle.packaging.runtimes import http_runtime, torch_runtime
+from clinbundle.packaging.parity import (
+    ParityReport,
+    Reference,
+    Tolerances,
+    check_parity,
+    settle_parity,
+)
+from clinbundle.packaging.runtimes import http_runtime
 
 if TYPE_CHECKING:
     from clinbundle.packaging.model_source import ResolvedModel
@@ -156,15 +162,19 @@ def build_bento(
     validation_limit: int = 2,
     force: bool = False,
     record: bool = True,
+    reference: Reference | None = None,
 ) -> tuple[Path, ParityReport]:
-    """Build, prove parity over HTTP, export; ParityError (and nothing kept) on a breach."""
+    """Build, prove parity over HTTP, export; ParityError (and nothing kept) on a breach.
+
+    `reference`: the packaging run's PyTorch outputs when the ONNX bundle was just checked too.
+    """
     import bentoml
 
-    from clinbundle.packaging.onnx_bundle import parity_cases
+    from clinbundle.packaging.onnx_bundle import parity_reference
 
     tol = tolerances or Tolerances.for_precision("fp32")
-    reference = torch_runtime(model.load_network(), model.contract, "cpu")
-    cases = parity_cases(model, validation_limit)
+    reference = reference or parity_reference(model, validation_limit)
+    cases = reference.cases
     with staged_folder(out, force=force) as tmp:
         model_tag = import_bundle(onnx_bundle, model)
         ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))

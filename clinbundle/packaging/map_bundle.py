@@ -47,15 +47,16 @@ from clinbundle.errors import BundleError, ParityError
 from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.dicom_synth import SeriesInfo, oblique, quantize_hu, write_ct_series
 from clinbundle.packaging.model_source import ResolvedModel
-from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_cases
+from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_reference
 from clinbundle.packaging.parity import (
     ParityCase,
     ParityReport,
+    Reference,
     Tolerances,
     check_parity,
     settle_parity,
 )
-from clinbundle.packaging.runtimes import Runtime, torch_runtime
+from clinbundle.packaging.runtimes import Runtime
 
 log = logging.getLogger("clinbundle.map")
 
@@ -295,7 +296,7 @@ def read_seg_labels(seg_path: Path, source_files: list[Path]) -> np.ndarray:
 
 def map_parity(
     map_dir: Path,
-    reference: Runtime,
+    reference: Runtime | Reference,
     cases: list[ParityCase],
     model: ResolvedModel,
     tolerances: Tolerances,
@@ -363,16 +364,15 @@ def build_map(
     tol = tolerances or Tolerances.for_precision("fp32")
     name = model.name or "model"
     title = f"clinbundle {name} segmentation"
-    reference = torch_runtime(model.load_network(), model.contract, "cpu")
-    cases = parity_cases(model, validation_limit)
+    reference = parity_reference(model, validation_limit)  # PyTorch runs once for both checks
     with staged_folder(out, force=force) as tmp:
         build_onnx_bundle(
             model,
             tmp / "models" / name,
             device=device,
             tolerances=tol,
-            validation_limit=validation_limit,
             record=False,
+            reference=reference,
         )
         write_app(tmp / "app")
         config = app_config(model, title)
@@ -390,7 +390,7 @@ def build_map(
             dockerfile(app_json, name, title, config["application"]["version"])
         )
 
-        report = map_parity(tmp, reference, cases, model, tol)
+        report = map_parity(tmp, reference, reference.cases, model, tol)
         settle_parity(report, model, tmp / "parity", record, "MAP", "MAP")
         for leftover in tmp.rglob("__pycache__"):  # the parity runs compiled the vendored copy
             shutil.rmtree(leftover)

@@ -38,6 +38,7 @@ from clinbundle.packaging.onnx_export import OPSET, Exporter, embedded_contract,
 from clinbundle.packaging.parity import (
     ParityCase,
     ParityReport,
+    Reference,
     Tolerances,
     check_parity,
     parity_suite,
@@ -47,6 +48,8 @@ from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, t
 from clinbundle.provenance import tree_hashes
 
 if TYPE_CHECKING:  # serving loads bundles without MLflow installed
+    import torch
+
     from clinbundle.packaging.model_source import ResolvedModel
 
 log = logging.getLogger("clinbundle.onnx")
@@ -62,6 +65,15 @@ def parity_cases(model: ResolvedModel, validation_limit: int = 2) -> list[Parity
     return parity_suite(model.contract, validation_volumes(model, limit=validation_limit))
 
 
+def parity_reference(
+    model: ResolvedModel, validation_limit: int = 2, network: torch.nn.Module | None = None
+) -> Reference:
+    """PyTorch on the CPU over the suite: what every format of one packaging run is held to."""
+    network = model.load_network() if network is None else network
+    runtime = torch_runtime(network, model.contract, "cpu")
+    return Reference(runtime, parity_cases(model, validation_limit))
+
+
 def build_onnx_bundle(
     model: ResolvedModel,
     out: Path,
@@ -72,13 +84,17 @@ def build_onnx_bundle(
     validation_limit: int = 2,
     force: bool = False,
     record: bool = True,
+    reference: Reference | None = None,
 ) -> tuple[Path, ParityReport]:
-    """Export, prove parity, write the bundle; ParityError (and no bundle) on a breach."""
+    """Export, prove parity, write the bundle; ParityError (and no bundle) on a breach.
+
+    `reference`: the packaging run's PyTorch outputs when other formats are checked too.
+    """
     tol = tolerances or Tolerances.for_precision(precision)
     log.info("parity tolerances for %s: %s", precision, tol)
     network = model.load_network()
-    reference = torch_runtime(network, model.contract, "cpu")
-    cases = parity_cases(model, validation_limit)
+    reference = reference or parity_reference(model, validation_limit, network)
+    cases = reference.cases
     with staged_folder(out, force=force) as tmp:
         onnx_path = export_onnx(
             network,
@@ -101,7 +117,7 @@ def build_onnx_bundle(
         sample = next(c for c in cases if c.name == SAMPLE_CASE)
         (tmp / "sample").mkdir()
         np.save(tmp / "sample" / "input.npy", sample.volume)
-        np.save(tmp / "sample" / "reference.npy", reference.run(sample.volume))
+        np.save(tmp / "sample" / "reference.npy", reference.output(sample.volume)[0])
         extra = {
             "precision": precision,
             "exporter": exporter,
