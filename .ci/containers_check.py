@@ -33,7 +33,7 @@ def has_last(client: MlflowClient, run_id: str) -> bool:
 
 def bundle_labels(bundle: str, volume: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     """What the ONNX bundle answers for a NIfTI volume: the reference every container matches."""
-    from clinbundle.packaging.onnx_bundle import load_bundle
+    from clinbundle.runtime.bundle_reader import load_bundle
 
     image = nib.load(volume)
     raw = np.asarray(image.dataobj, dtype=np.float32)

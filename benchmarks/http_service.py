@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from clinbundle.packaging.bento import ensure_imported, running_bento
-from clinbundle.packaging.onnx_bundle import load_bundle
+from clinbundle.runtime.bundle_reader import load_bundle
 
 
 def tree_rss_mib(root_pid: int) -> float:

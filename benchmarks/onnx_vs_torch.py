@@ -1,7 +1,7 @@
 """Full-volume sliding-window throughput: eager PyTorch vs ONNX Runtime, same process, same volumes.
 
 For the default DynUNet and for SegResNet (random weights: speed does not depend on them) it
-runs the shared path (`clinbundle.inference.sliding_window_probabilities`) with each runtime and
+runs the shared path (`clinbundle.runtime.inference.sliding_window_probabilities`) with each runtime and
 reports, as JSON: voxels/s of each, the ORT/PyTorch speed-up, achieved GFLOP/s (network FLOPs
 counted by torch's FlopCounterMode x windows evaluated) next to this machine's own sgemm
 GFLOP/s, and the peak RSS of each runtime measured in a child process of its own.
@@ -29,11 +29,11 @@ import torch
 from hardware import sgemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
-from clinbundle.contract import InferenceContract
-from clinbundle.inference import sliding_window_probabilities, torch_predictor
-from clinbundle.networks import build_network, network_spec, spatial_divisor
 from clinbundle.packaging.onnx_export import export_onnx
-from clinbundle.packaging.runtimes import onnx_predictor, onnx_session
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.inference import sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
+from clinbundle.runtime.runners import onnx_predictor, onnx_session
 
 FAMILIES = {"dynunet": [16, 32, 64, 128], "segresnet": [16, 32, 64, 128]}
 

@@ -23,8 +23,8 @@ import torch
 from hardware import sgemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
-from clinbundle.networks import build_network
 from clinbundle.quickstart import SYNTH, quickstart_config_path
+from clinbundle.runtime.networks import build_network
 from clinbundle.training.config import load_config
 from clinbundle.training.losses import build_loss
 from clinbundle.training.synth import write_dataset

@@ -44,7 +44,7 @@ class ClientError(BentoMLException):
 
 
 async def metadata(_request) -> JSONResponse:
-    return JSONResponse(http_io.service_metadata(Path(MODEL.stored.path)))
+    return JSONResponse(http_io.service_metadata(Path(MODEL.stored.path) / http_io.BUNDLE_DIR))
 
 
 @bentoml.asgi_app(Starlette(routes=[Route("/", metadata)]), path="/metadata")
@@ -58,7 +58,9 @@ class Segmentation:
 
     def _load(self) -> None:
         try:
-            self.bundle = http_io.load_and_warm_up(Path(self.bundle_model.path))
+            self.bundle = http_io.load_and_warm_up(
+                Path(self.bundle_model.path) / http_io.BUNDLE_DIR
+            )
         except Exception as e:  # reported by every request until fixed
             self.error = f"model failed to load: {type(e).__name__}: {e}"
             log.exception("model failed to load")

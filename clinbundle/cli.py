@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from clinbundle.errors import ClinbundleError, Preempted
+from clinbundle.runtime.errors import ClinbundleError, Preempted
 
 
 def _workdir(args: argparse.Namespace) -> Path:

@@ -14,9 +14,9 @@ import mlflow
 import numpy as np
 import torch
 
-from clinbundle.contract import InferenceContract
-from clinbundle.inference import sliding_window_probabilities, torch_predictor
-from clinbundle.networks import build_network
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.inference import sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.networks import build_network
 
 log = logging.getLogger("clinbundle.pyfunc")
 

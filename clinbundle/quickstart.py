@@ -11,8 +11,8 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-from clinbundle.errors import ClinbundleError
 from clinbundle.registry import promote
+from clinbundle.runtime.errors import ClinbundleError
 from clinbundle.tracking import configure_tracking
 
 log = logging.getLogger("clinbundle.quickstart")

@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import ModelResolutionError, TrackingError
+from clinbundle.runtime.errors import ModelResolutionError, TrackingError
 
 log = logging.getLogger("clinbundle.registry")
 

@@ -9,7 +9,6 @@ is what packaging reads for every later format.
 from __future__ import annotations
 
 import importlib.metadata as md
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
 import clinbundle
-from clinbundle.contract import InferenceContract
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.vendoring import vendor_runtime
 
-#: Modules the pyfunc needs at load time; logged as code so the model is self-contained.
-RUNTIME_MODULES = ("__init__.py", "contract.py", "errors.py", "inference.py", "networks.py")
 PYFUNC_CODE = Path(clinbundle.__file__).parent / "pyfunc_model.py"
 
 
@@ -59,10 +57,7 @@ def log_segmentation_model(
             weights = torch.load(weights, map_location="cpu", weights_only=True)["model"]
         torch.save(weights, tmp_path / "weights.pt")
         (tmp_path / "contract.json").write_text(contract.to_json())
-        code = tmp_path / "code" / "clinbundle"
-        code.mkdir(parents=True)
-        for mod in RUNTIME_MODULES:
-            shutil.copy(Path(clinbundle.__file__).parent / mod, code / mod)
+        code = vendor_runtime(tmp_path / "code")
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_CODE),

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import TrackingError
+from clinbundle.runtime.errors import TrackingError
 
 log = logging.getLogger("clinbundle.tracking")
 

@@ -23,8 +23,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clinbundle.packaging.bento import free_port
-from clinbundle.packaging.onnx_bundle import load_bundle
 from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.runtime.bundle_reader import load_bundle
 from clinbundle.training.synth import synthesize_volume
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from clinbundle.errors import ConfigError
-from clinbundle.networks import build_network, network_spec, spatial_divisor
+from clinbundle.runtime.errors import ConfigError
+from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 from clinbundle.training.config import load_config
 from clinbundle.training.losses import build_loss
 
@@ -87,7 +87,7 @@ def test_cldice_loss_trains_a_step() -> None:
 def test_device_choice_is_logged_and_cuda_fails_loudly_when_absent() -> None:
     import torch
 
-    from clinbundle.errors import DeviceError
+    from clinbundle.runtime.errors import DeviceError
     from clinbundle.training.compute import resolve_compute, resolve_device
     from clinbundle.training.config import ComputeConfig
 

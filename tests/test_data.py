@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clinbundle.errors import DataError
+from clinbundle.runtime.errors import DataError
 from clinbundle.training.data import kfold_split, read_dataset, validate_dataset
 
 

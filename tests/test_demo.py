@@ -37,9 +37,9 @@ from clinbundle.apps.demo import (
     read_volume,
 )
 from clinbundle.apps.render import dice_per_label, render_slice
-from clinbundle.errors import ClinbundleError, InputError
 from clinbundle.packaging.bento import free_port
-from clinbundle.packaging.onnx_bundle import load_bundle
+from clinbundle.runtime.bundle_reader import load_bundle
+from clinbundle.runtime.errors import ClinbundleError, InputError
 
 STARTUP_BOUND_S = 15.0  # the bound for CPU start-up once installed (measured ~9 s)
 CHROMIUM_FLAGS = [

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from clinbundle.contract import InferenceContract, Normalization
-from clinbundle.errors import InputError
-from clinbundle.inference import normalize, sliding_window_probabilities, torch_predictor
-from clinbundle.networks import build_network, network_spec, spatial_divisor
+from clinbundle.runtime.contract import InferenceContract, Normalization
+from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.inference import normalize, sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 
 
 @pytest.fixture(scope="module")

@@ -69,3 +69,34 @@ def test_only_one_top_level_import_name() -> None:
     assert not modules, f"top-level modules would be importable from the repo root: {modules}"
     for name in ("training", "packaging", "apps"):
         assert not (REPO / name / "__init__.py").exists()
+
+
+def _clinbundle_imports(path: Path) -> set[str]:
+    """Every `clinbundle...` module a file imports (at any depth, lazily or not)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n == "clinbundle" or n.startswith("clinbundle.")}
+
+
+def test_runtime_core_and_serving_import_no_build_or_training_code() -> None:
+    """What every format vendors (the runtime core) and what serves (the bento's request
+    handling, the MAP app, the pyfunc) import only the runtime core and the app itself."""
+    pkg = REPO / "clinbundle"
+    serving = [
+        *sorted((pkg / "runtime").glob("*.py")),
+        pkg / "apps" / "http_io.py",
+        *sorted((pkg / "apps" / "map_app").glob("*.py")),
+        pkg / "pyfunc_model.py",
+        REPO / "bentos" / "service.py",
+    ]
+    allowed = ("clinbundle.runtime", "clinbundle.apps.http_io", "clinbundle.apps.map_app")
+    for path in serving:
+        imported = _clinbundle_imports(path) - {"clinbundle", "clinbundle.apps"}
+        bad = {m for m in imported if not m.startswith(allowed)}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"

@@ -21,8 +21,6 @@ import yaml
 from pydicom import dcmread
 
 from clinbundle.cli import main
-from clinbundle.errors import BundleError
-from clinbundle.packaging.bundle import check_hashes, read_manifest
 from clinbundle.packaging.dicom_synth import (
     SeriesInfo,
     oblique,
@@ -30,9 +28,12 @@ from clinbundle.packaging.dicom_synth import (
     write_ct_series,
 )
 from clinbundle.packaging.map_bundle import read_seg_labels, run_map
-from clinbundle.packaging.onnx_bundle import load_bundle, verify_bundle
+from clinbundle.packaging.onnx_bundle import verify_bundle
 from clinbundle.packaging.parity import ParityCase, Tolerances, check_parity
-from clinbundle.packaging.runtimes import Runtime, torch_runtime
+from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.runtime.bundle_reader import check_hashes, load_bundle, read_manifest
+from clinbundle.runtime.errors import BundleError
+from clinbundle.runtime.runners import Runtime
 from clinbundle.training.synth import synthesize_volume
 
 pytestmark = pytest.mark.slow

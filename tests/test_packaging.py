@@ -14,14 +14,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import BundleError, DeviceError, ModelResolutionError, ParityError
 from clinbundle.packaging import onnx_bundle
 from clinbundle.packaging.model_source import canonical_uri, resolve_model
-from clinbundle.packaging.onnx_bundle import build_onnx_bundle, load_bundle, verify_bundle
-from clinbundle.packaging.onnx_export import embedded_contract, export_onnx
+from clinbundle.packaging.onnx_bundle import build_onnx_bundle, verify_bundle
+from clinbundle.packaging.onnx_export import export_onnx
 from clinbundle.packaging.parity import ParityCase, Reference, Tolerances, compare
-from clinbundle.packaging.runtimes import CUDA_EP, Runtime, select_providers
-from clinbundle.provenance import sha256_file
+from clinbundle.runtime.bundle_reader import embedded_contract, load_bundle
+from clinbundle.runtime.errors import BundleError, DeviceError, ModelResolutionError, ParityError
+from clinbundle.runtime.hashing import sha256_file
+from clinbundle.runtime.runners import CUDA_EP, Runtime, select_providers
 
 
 def test_short_forms_of_model_uris() -> None:

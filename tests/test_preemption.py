@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from clinbundle.cli import _strip_nproc, main
-from clinbundle.errors import ConfigError
+from clinbundle.runtime.errors import ConfigError
 from clinbundle.training.resume import RESUME_OVERRIDABLE, resume_config
 from clinbundle.training.run import run_training
 from clinbundle.training.trainer import CheckpointPolicy, epoch_seeds

@@ -8,8 +8,8 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from clinbundle.networks import build_network
 from clinbundle.registry import CHALLENGER, CHAMPION, promote, register_challenger
+from clinbundle.runtime.networks import build_network
 from clinbundle.servable import log_segmentation_model
 from clinbundle.tracking import experiment_id
 

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import TrackingError
+from clinbundle.runtime.errors import TrackingError
 from clinbundle.training.callbacks import Callback
 from clinbundle.training.run import run_training
 

@@ -12,7 +12,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import ConfigError, DataError, TrackingError
+from clinbundle.runtime.errors import ConfigError, DataError, TrackingError
 from clinbundle.training.callbacks import Callback
 from clinbundle.training.metrics import DIRECTIONS
 from clinbundle.training.run import run_training

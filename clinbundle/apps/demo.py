@@ -37,7 +37,7 @@ import numpy as np
 
 from clinbundle.apps import http_io
 from clinbundle.apps.render import VIEW_AXIS, VIEWS, dice_per_label, display_window, render_slice
-from clinbundle.errors import ClinbundleError, InputError
+from clinbundle.runtime.errors import ClinbundleError, InputError
 
 log = logging.getLogger("clinbundle.demo")
 
@@ -238,7 +238,7 @@ def pytorch_runtime(model: Any, device: str = "auto") -> DemoRuntime:
 
 def onnx_bundle_runtime(path: Path, device: str = "auto") -> DemoRuntime:
     """An ONNX bundle through ONNX Runtime; its model card and parity report come with it."""
-    from clinbundle.packaging.onnx_bundle import load_bundle
+    from clinbundle.runtime.bundle_reader import load_bundle
 
     bundle = load_bundle(Path(path), device)
     m, prov = bundle.manifest.get("model", {}), bundle.manifest.get("provenance", {})

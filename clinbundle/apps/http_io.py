@@ -25,8 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from clinbundle.errors import InputError
-from clinbundle.packaging.onnx_bundle import OnnxBundle, load_bundle
+from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
+from clinbundle.runtime.errors import InputError
 
 log = logging.getLogger("clinbundle.service")
 
@@ -37,6 +37,9 @@ MAX_VOXELS = int(os.environ.get("CLINBUNDLE_MAX_VOXELS", 256**3))
 #: not queued: each one holds a volume and its probabilities, and on a CPU a queue only turns
 #: into client timeouts. Raise it on a machine with more cores or a GPU.
 MAX_CONCURRENCY = int(os.environ.get("CLINBUNDLE_MAX_CONCURRENCY", 8))
+#: The ONNX bundle's folder inside the BentoML model (BentoML keeps its model.yaml beside it, so
+#: the bundle's manifest still lists every file of its folder).
+BUNDLE_DIR = "bundle"
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None}
 

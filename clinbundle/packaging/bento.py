@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 import clinbundle
-from clinbundle.errors import BundleError, ParityError
+from clinbundle.apps.http_io import BUNDLE_DIR
 from clinbundle.packaging.bundle import staged_folder
 from clinbundle.packaging.parity import (
     ParityReport,
@@ -40,6 +40,8 @@ from clinbundle.packaging.parity import (
     settle_parity,
 )
 from clinbundle.packaging.runtimes import http_runtime
+from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.vendoring import vendor_runtime
 
 if TYPE_CHECKING:
     from clinbundle.packaging.model_source import ResolvedModel
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("clinbundle.bento")
 
 BENTO_MODEL = "clinbundle-onnx"
+#: What the service imports of clinbundle besides the runtime core.
+SERVICE_MODULES = ("apps/__init__.py", "apps/http_io.py")
 SERVICE_DIR = Path(clinbundle.__file__).resolve().parents[1] / "bentos"
 
 
@@ -127,7 +131,7 @@ def import_bundle(bundle: Path, model: ResolvedModel) -> str:
     with bentoml.models.create(
         BENTO_MODEL, labels=labels, metadata={"run_id": model.run_id, "uri": model.uri}
     ) as m:
-        shutil.copytree(bundle, m.path, dirs_exist_ok=True)
+        shutil.copytree(bundle, Path(m.path) / BUNDLE_DIR)
     log.info("imported %s into the BentoML store as %s", bundle, m.tag)
     return str(m.tag)
 
@@ -140,11 +144,7 @@ def stage_build_context(ctx: Path, model_tag: str) -> Path:
             "source checkout (the bento build context lives in its bentos/ folder)"
         )
     shutil.copy(SERVICE_DIR / "service.py", ctx / "service.py")
-    shutil.copytree(
-        Path(clinbundle.__file__).parent,
-        ctx / "clinbundle",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    vendor_runtime(ctx, extra=SERVICE_MODULES)
     config = yaml.safe_load((SERVICE_DIR / "bentofile.yaml").read_text())
     config["python"]["packages"] = pinned(config["python"]["packages"])
     config["envs"] = [{"name": "CLINBUNDLE_BENTO_MODEL", "value": model_tag}]

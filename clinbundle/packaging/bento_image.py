@@ -18,8 +18,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from clinbundle.errors import BundleError
 from clinbundle.packaging.bento import ensure_imported
+from clinbundle.runtime.errors import BundleError
 
 log = logging.getLogger("clinbundle.bento_image")
 PIN = re.compile(r"^[A-Za-z0-9._-]+(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$")

@@ -17,15 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clinbundle.errors import BundleError
-from clinbundle.provenance import git_commit, library_versions, sha256_file, tree_hashes
+from clinbundle.provenance import git_commit, library_versions
+from clinbundle.runtime.bundle_reader import MANIFEST
+from clinbundle.runtime.errors import BundleError
+from clinbundle.runtime.hashing import tree_hashes
 
 if TYPE_CHECKING:  # serving imports this module without MLflow installed
     from clinbundle.packaging.model_source import ResolvedModel
     from clinbundle.packaging.parity import ParityReport
 log = logging.getLogger("clinbundle.bundle")
 
-MANIFEST = "manifest.json"
 BUNDLE_VERSION = 1
 
 
@@ -98,36 +99,3 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise BundleError(f"{folder} is not a folder: give the path of a bundle")
-    if not path.is_file():
-        raise BundleError(f"{folder} has no {MANIFEST}: not a clinbundle bundle")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path} lists no files")
-    return manifest
-
-
-def check_hashes(folder: Path, manifest: dict) -> list[str]:
-    """Problems, each naming its file: missing, changed, or not in the manifest."""
-    problems = []
-    for rel, want in manifest["files"].items():
-        p = folder / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif (got := sha256_file(p)) != want:
-            problems.append(
-                f"{rel}: sha256 {got[:12]}... differs from the manifest's {want[:12]}..."
-            )
-    present = set(tree_hashes(folder, exclude=(MANIFEST,)))
-    problems += [
-        f"{rel}: not listed in the manifest" for rel in sorted(present - set(manifest["files"]))
-    ]
-    return problems

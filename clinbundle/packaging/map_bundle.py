@@ -42,8 +42,6 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-import clinbundle
-from clinbundle.errors import BundleError, ParityError
 from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.dicom_synth import SeriesInfo, oblique, quantize_hu, write_ct_series
 from clinbundle.packaging.model_source import ResolvedModel
@@ -56,7 +54,9 @@ from clinbundle.packaging.parity import (
     check_parity,
     settle_parity,
 )
-from clinbundle.packaging.runtimes import Runtime
+from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.runners import Runtime
+from clinbundle.vendoring import vendor_runtime
 
 log = logging.getLogger("clinbundle.map")
 
@@ -92,15 +92,14 @@ def _requirement_lines() -> list[str]:
 
 
 def write_app(dest: Path) -> Path:
-    """app/: the launcher plus a copy of the installed clinbundle package it imports.
+    """app/: the launcher plus the runtime core and the MAP app it imports (vendored).
 
-    Vendoring the package (not a wheel) keeps the build free of build tools and network, and
+    Vendoring the code (not a wheel) keeps the build free of build tools and network, and
     `python app/` puts app/ first on sys.path, so the copy in the MAP is the code that ran the
     parity check below.
     """
-    src = Path(clinbundle.__file__).parent
-    shutil.copytree(src, dest / "clinbundle", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(src / "apps" / "map_app" / "__main__.py", dest / "__main__.py")
+    vendor_runtime(dest, extra=("apps/__init__.py", "apps/map_app"))
+    shutil.copy2(dest / "clinbundle" / "apps" / "map_app" / "__main__.py", dest / "__main__.py")
     return dest
 
 

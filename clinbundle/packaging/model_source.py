@@ -21,9 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from clinbundle.contract import InferenceContract
-from clinbundle.errors import ModelResolutionError
-from clinbundle.networks import build_network
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.errors import ModelResolutionError
+from clinbundle.runtime.networks import build_network
 
 log = logging.getLogger("clinbundle.packaging")
 

@@ -17,24 +17,14 @@ Bundle layout (a folder a stranger can read):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from clinbundle.contract import InferenceContract
-from clinbundle.errors import BundleError, ParityError
-from clinbundle.packaging.bundle import (
-    MANIFEST,
-    build_manifest,
-    check_hashes,
-    read_manifest,
-    staged_folder,
-    write_manifest,
-)
+from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.model_card import render_model_card
-from clinbundle.packaging.onnx_export import OPSET, Exporter, embedded_contract, export_onnx
+from clinbundle.packaging.onnx_export import OPSET, Exporter, export_onnx
 from clinbundle.packaging.parity import (
     ParityCase,
     ParityReport,
@@ -44,8 +34,18 @@ from clinbundle.packaging.parity import (
     parity_suite,
     settle_parity,
 )
-from clinbundle.packaging.runtimes import Runtime, onnx_runtime, onnx_session, torch_runtime
-from clinbundle.provenance import tree_hashes
+from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.runtime.bundle_reader import (
+    CONTRACT_FILE,
+    MANIFEST,
+    MODEL_FILE,
+    check_hashes,
+    load_bundle,
+    read_manifest,
+)
+from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.hashing import tree_hashes
+from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
 
 if TYPE_CHECKING:  # serving loads bundles without MLflow installed
     import torch
@@ -54,7 +54,6 @@ if TYPE_CHECKING:  # serving loads bundles without MLflow installed
 
 log = logging.getLogger("clinbundle.onnx")
 
-MODEL_FILE, CONTRACT_FILE = "model.onnx", "contract.json"
 SAMPLE_CASE = "odd"
 
 
@@ -134,51 +133,20 @@ def build_onnx_bundle(
     return out, report
 
 
-@dataclass
-class OnnxBundle:
-    """A bundle opened for inference: its contract, manifest and an ONNX Runtime runner."""
-
-    path: Path
-    manifest: dict
-    contract: InferenceContract
-    runtime: Runtime
-
-    def predict(self, volume: np.ndarray) -> np.ndarray:
-        """Raw float32 (N, C, D, H, W) -> probabilities (N, K, D, H, W), via the shared path."""
-        return self.runtime.run(volume)
-
-
-def load_bundle(path: Path, device: str = "auto", threads: int | None = None) -> OnnxBundle:
-    """Open a bundle; the contract comes from model.onnx itself and must match contract.json."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if not (path / MODEL_FILE).is_file():
-        raise BundleError(f"{path} has no {MODEL_FILE}")
-    try:
-        contract = embedded_contract(path / MODEL_FILE)
-    except Exception as e:  # a corrupt protobuf raises DecodeError, a foreign model KeyError
-        raise BundleError(f"{MODEL_FILE}: cannot read its inference contract ({e})") from None
-    on_disk = InferenceContract.from_json((path / CONTRACT_FILE).read_text())
-    if contract != on_disk:
-        raise BundleError(f"{MODEL_FILE}: its embedded contract differs from {CONTRACT_FILE}")
-    runtime = onnx_runtime(onnx_session(path / MODEL_FILE, device, threads), contract)
-    return OnnxBundle(path, manifest, contract, runtime)
-
-
 def verify_bundle(path: Path, device: str = "auto") -> ParityReport:
     """Hashes first (a changed byte names its file), then parity on the bundle's own sample."""
     path = Path(path)
     manifest = read_manifest(path)
-    problems = check_hashes(path, manifest)
-    if problems:
-        raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
     if manifest.get("format") == "map":  # a MAP build context: its models/<name> is a bundle
+        problems = check_hashes(path, manifest)
+        if problems:
+            raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
         nested = sorted(p.parent for p in path.glob(f"models/*/{MANIFEST}"))
         if len(nested) != 1:
             raise BundleError(f"{path}: a MAP holds one ONNX bundle under models/, found {nested}")
         return verify_bundle(nested[0], device)
     try:
-        bundle = load_bundle(path, device)
+        bundle = load_bundle(path, device)  # checks every file's hash before anything runs
     except BundleError:
         raise
     except Exception as e:  # ORT refuses a graph it cannot parse

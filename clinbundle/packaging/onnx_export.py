@@ -9,7 +9,6 @@ graph's interface, and the shared sliding-window path around it, stay the same.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Literal
 import onnx
 import torch
 
-from clinbundle.contract import InferenceContract
+from clinbundle.runtime.bundle_reader import CONTRACT_KEY
+from clinbundle.runtime.contract import InferenceContract
 
 log = logging.getLogger("clinbundle.export")
 
@@ -150,7 +150,7 @@ def export_onnx(
         model = convert_float_to_float16(model, keep_io_types=True)
         OnnxModel(model).topological_sort()  # the converter appends its input casts last
     props = {
-        "inference_contract": contract.to_json(),
+        CONTRACT_KEY: contract.to_json(),
         "precision": precision,
         "exporter": exporter,
         **(metadata or {}),
@@ -160,11 +160,3 @@ def export_onnx(
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return path
-
-
-def embedded_contract(path: Path) -> InferenceContract:
-    """The contract stored in a model.onnx (what a runtime reads without the bundle around it)."""
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if "inference_contract" not in props:
-        raise KeyError(f"{path} has no inference_contract in its metadata_props")
-    return InferenceContract.model_validate(json.loads(props["inference_contract"]))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from clinbundle.contract import InferenceContract
-from clinbundle.packaging.runtimes import Runtime
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.runners import Runtime
 
 log = logging.getLogger("clinbundle.parity")
 
@@ -360,7 +360,7 @@ def settle_parity(
     Recording comes first on purpose: the registry should say that a format was tried and did
     not hold, even though nothing of that format is written.
     """
-    from clinbundle.errors import ParityError
+    from clinbundle.runtime.errors import ParityError
 
     report.model = {
         "uri": model.uri,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clinbundle.contract import InferenceContract
+    from clinbundle.runtime.contract import InferenceContract
     from clinbundle.training.compute import Compute
     from clinbundle.training.config import Config
     from clinbundle.training.data import Dataset

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clinbundle.errors import DeviceError
+from clinbundle.runtime.errors import DeviceError
 from clinbundle.training.config import ComputeConfig
 
 log = logging.getLogger("clinbundle.compute")

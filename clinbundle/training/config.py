@@ -9,8 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from clinbundle.contract import Normalization
-from clinbundle.errors import ConfigError
+from clinbundle.runtime.contract import Normalization
+from clinbundle.runtime.errors import ConfigError
 
 Auto = Literal["auto"]
 

@@ -27,9 +27,9 @@ from monai.transforms import (
     RandFlipd,
 )
 
-from clinbundle.contract import Normalization
-from clinbundle.errors import DataError
-from clinbundle.inference import normalize
+from clinbundle.runtime.contract import Normalization
+from clinbundle.runtime.errors import DataError
+from clinbundle.runtime.inference import normalize
 
 Item = dict[str, str]
 

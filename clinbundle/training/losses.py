@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceCELoss, SoftDiceclDiceLoss
 
-from clinbundle.errors import ConfigError
+from clinbundle.runtime.errors import ConfigError
 from clinbundle.training.config import LossConfig
 
 LOSSES = ("dice_ce", "cldice")

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from clinbundle.errors import ConfigError, ResumeError
+from clinbundle.runtime.errors import ConfigError, ResumeError
 from clinbundle.training.config import Config, apply_override
 
 log = logging.getLogger("clinbundle.train")

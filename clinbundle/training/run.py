@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clinbundle.errors import ResumeError
+from clinbundle.runtime.errors import ResumeError
 from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.callbacks import Callback, TrainState
 from clinbundle.training.config import Config, config_to_yaml, load_config

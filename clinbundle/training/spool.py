@@ -38,7 +38,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import RestException
 from mlflow.tracking import MlflowClient
 
-from clinbundle.errors import TrackingError
+from clinbundle.runtime.errors import TrackingError
 
 log = logging.getLogger("clinbundle.tracking")
 

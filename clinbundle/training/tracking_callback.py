@@ -27,9 +27,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import clinbundle
-from clinbundle.errors import Preempted, TrackingError
 from clinbundle.provenance import git_commit
 from clinbundle.registry import register_challenger
+from clinbundle.runtime.errors import Preempted, TrackingError
 from clinbundle.servable import log_segmentation_model
 from clinbundle.training.callbacks import Callback, TrainState
 from clinbundle.training.config import config_to_yaml

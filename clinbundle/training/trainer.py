@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from clinbundle.contract import InferenceContract
-from clinbundle.errors import ConfigError, DataError, Preempted, ResumeError
-from clinbundle.inference import sliding_window_probabilities, torch_predictor
-from clinbundle.networks import build_network, network_spec, spatial_divisor
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.errors import ConfigError, DataError, Preempted, ResumeError
+from clinbundle.runtime.inference import sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 from clinbundle.training import data as D
 from clinbundle.training.callbacks import Callback, CallbackList, TrainState
 from clinbundle.training.checkpoint import (

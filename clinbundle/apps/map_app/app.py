@@ -39,7 +39,7 @@ from clinbundle.apps.map_app.operators import (
     NiftiLoaderOperator,
     NiftiWriterOperator,
 )
-from clinbundle.packaging.onnx_bundle import OnnxBundle, load_bundle
+from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
 
 log = logging.getLogger("clinbundle.map_app")
 

@@ -24,7 +24,7 @@ import numpy as np
 from monai.deploy.core import ConditionType, Fragment, Image, Operator, OperatorSpec
 
 from clinbundle.apps.map_app.inputs import nifti_stem
-from clinbundle.packaging.onnx_bundle import OnnxBundle
+from clinbundle.runtime.bundle_reader import OnnxBundle
 
 log = logging.getLogger("clinbundle.map_app")
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from clinbundle.contract import InferenceContract, Normalization
-from clinbundle.errors import InputError
+from clinbundle.runtime.contract import InferenceContract, Normalization
+from clinbundle.runtime.errors import InputError
 
 #: Maps a batch of normalised patches (n, C_in, *roi) to logits (n, num_classes, *roi).
 Predictor = Callable[[torch.Tensor], torch.Tensor]

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from monai.networks.nets import DynUNet, SegResNet, UNet
 
-from clinbundle.contract import NetworkSpec
-from clinbundle.errors import ConfigError
+from clinbundle.runtime.contract import NetworkSpec
+from clinbundle.runtime.errors import ConfigError
 
 FAMILIES = {"dynunet": "DynUNet", "segresnet": "SegResNet", "unet": "UNet"}
 

@@ -1,0 +1,198 @@
+"""Put a volume on the grid the network was trained on, and its answer back on the input's grid.
+
+nnU-Net (plans.json: target spacing, resampling orders) and the Model Zoo bundles (Orientationd,
+Spacingd, Invertd) both carry this step; without it a CT at 0.7 x 0.7 x 1.5 mm or an MR stored
+in LPS is segmented on the wrong grid, and PyTorch and ONNX are wrong in the same way.
+
+Orientation is a permutation and flip of the array (nibabel's orientation functions, which
+MONAI's Orientation transform also uses): exact, no interpolation. Spacing is interpolated with
+MONAI's `SpatialResample`. What is ours, and why: the target grid is chosen to cover the input's
+field of view (corners aligned) at the contract's spacing, so that the way back is the exact
+inverse mapping of voxel centres; and resampling runs in slabs of the output, so that a
+512 x 512 x 300 CT never needs a sampling grid of three floats per voxel for the whole volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import SpatialResample
+
+from clinbundle.runtime.errors import InputError
+
+log = logging.getLogger("clinbundle.geometry")
+
+#: Spacings equal within this relative tolerance are the same grid: no resampling.
+SPACING_RTOL = 1e-3
+#: Voxels of one output slab of a resampling (bounds its sampling grid: 12 bytes per voxel).
+SLAB_VOXELS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in the world: shape and the voxel -> RAS mm affine (nibabel's convention)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return spacing_of(self.affine)
+
+    @property
+    def axcodes(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis (the norms of the affine's columns)."""
+    s = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    return (float(s[0]), float(s[1]), float(s[2]))
+
+
+def check_affine(affine: object, what: str = "the volume") -> np.ndarray:
+    """A usable 4x4 voxel -> world affine, or an InputError that names the problem."""
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: the affine is not numeric") from None
+    if a.shape == (3, 4):
+        a = np.vstack([a, [0, 0, 0, 1]])
+    if a.shape != (4, 4):
+        raise InputError(f"{what}: an affine must be 4x4, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{what}: the affine holds NaN or Inf values")
+    spacing = spacing_of(a)
+    if min(spacing) <= 1e-6:
+        raise InputError(f"{what}: zero voxel spacing in the affine ({_mm(spacing)})")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-9 * float(np.prod(spacing)):
+        raise InputError(f"{what}: the affine is singular (its axes are not independent)")
+    return a
+
+
+def affine_from_spacing(spacing: object, what: str = "the volume") -> np.ndarray:
+    """An axis-aligned RAS affine for a bare spacing (how arrays with only a spacing are read)."""
+    try:
+        s = [float(x) for x in spacing]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: spacing must be three numbers in mm, got {spacing!r}") from None
+    if len(s) != 3 or not all(math.isfinite(x) and x > 0 for x in s):
+        raise InputError(f"{what}: spacing must be three positive numbers in mm, got {spacing!r}")
+    return np.diag([*s, 1.0])
+
+
+def _mm(spacing: tuple[float, ...]) -> str:
+    return " x ".join(f"{s:.3g}" for s in spacing) + " mm"
+
+
+IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one input reaches the model grid and comes back."""
+
+    input: Grid
+    oriented: Grid  # the input permuted/flipped to the contract's axis codes
+    model: Grid  # the oriented grid resampled to the contract's spacing
+    ornt: np.ndarray  # nibabel orientation transform input -> oriented
+    back: np.ndarray  # and its inverse
+
+    @property
+    def resamples(self) -> bool:
+        return self.model.shape != self.oriented.shape or not np.allclose(
+            self.model.affine, self.oriented.affine, rtol=SPACING_RTOL, atol=1e-4
+        )
+
+    @property
+    def reorients(self) -> bool:
+        return not np.array_equal(self.ornt, IDENTITY_ORNT)
+
+    def describe(self) -> str:
+        i, m = self.input, self.model
+        return (
+            f"input {i.shape} {i.axcodes} {_mm(i.spacing)} -> model grid {m.shape} {m.axcodes} "
+            f"{_mm(m.spacing)} ({'resampled' if self.resamples else 'not resampled'}, "
+            f"{'reoriented' if self.reorients else 'not reoriented'})"
+        )
+
+    def to_model(self, image: np.ndarray) -> np.ndarray:
+        """(C, *input.shape) -> (C, *model.shape) float32: reorient (exact), then resample."""
+        image = reorient(image, self.ornt)
+        if self.resamples:
+            image = resample(image, self.oriented, self.model, "bilinear")
+        return image
+
+    def channel_to_input(self, channel: np.ndarray) -> np.ndarray:
+        """One model-grid channel (*model.shape) -> (*input.shape) float32 (bilinear)."""
+        out = channel[None]
+        if self.resamples:
+            out = resample(out, self.model, self.oriented, "bilinear")
+        return reorient(out, self.back)[0]
+
+
+def plan(
+    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple | None, axcodes: str | None
+) -> Plan:
+    """The model grid for an input: the contract's axis codes, then its spacing (if any), with
+    the same field of view (outer voxel corners aligned)."""
+    shape3 = tuple(int(s) for s in shape[-3:])
+    source = Grid(shape3, affine)  # type: ignore[arg-type]
+    ornt = back = IDENTITY_ORNT
+    if axcodes:
+        start, end = nib.io_orientation(affine), nib.orientations.axcodes2ornt(tuple(axcodes))
+        ornt, back = (
+            nib.orientations.ornt_transform(start, end),
+            nib.orientations.ornt_transform(end, start),
+        )
+    o_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape3)
+    o_shape = [0, 0, 0]
+    for i, (axis, _flip) in enumerate(ornt):
+        o_shape[int(axis)] = shape3[i]
+    oriented = Grid(tuple(o_shape), o_affine)  # type: ignore[arg-type]
+    if spacing is None or np.allclose(oriented.spacing, spacing, rtol=SPACING_RTOL):
+        return Plan(source, oriented, oriented, ornt, back)
+    old, new = np.array(oriented.spacing), np.array(spacing, dtype=np.float64)
+    m_shape = tuple(max(1, round(n * o / s)) for n, o, s in zip(o_shape, old, new, strict=True))
+    m_affine = np.eye(4)
+    m_affine[:3, :3] = o_affine[:3, :3] / old * new
+    corner = o_affine @ np.array([-0.5, -0.5, -0.5, 1.0])
+    m_affine[:3, 3] = corner[:3] + m_affine[:3, :3] @ np.full(3, 0.5)
+    return Plan(source, oriented, Grid(m_shape, m_affine), ornt, back)  # type: ignore[arg-type]
+
+
+def reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Permute/flip the last three axes of a channel-first array (nibabel's rule; exact)."""
+    if np.array_equal(ornt, IDENTITY_ORNT):
+        return array
+    moved = np.moveaxis(array, 0, -1)  # apply_orientation works on the leading three axes
+    return np.ascontiguousarray(np.moveaxis(nib.orientations.apply_orientation(moved, ornt), -1, 0))
+
+
+def resample(data: np.ndarray, src: Grid, dst: Grid, mode: str = "bilinear") -> np.ndarray:
+    """(C, *src.shape) -> (C, *dst.shape) float32 by MONAI's SpatialResample, in output slabs."""
+    from monai.data import MetaTensor
+
+    out = np.empty((data.shape[0], *dst.shape), dtype=np.float32)
+    step = max(1, SLAB_VOXELS // max(1, dst.shape[0] * dst.shape[1]))
+    resampler = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)
+    image = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+        affine=torch.as_tensor(src.affine, dtype=torch.float64),
+    )
+    for z0 in range(0, dst.shape[2], step):
+        z1 = min(dst.shape[2], z0 + step)
+        shift = np.eye(4)
+        shift[2, 3] = z0
+        slab = resampler(
+            image,
+            dst_affine=torch.as_tensor(dst.affine @ shift, dtype=torch.float64),
+            spatial_size=(dst.shape[0], dst.shape[1], z1 - z0),
+        )
+        out[..., z0:z1] = slab.as_tensor().numpy()
+    return out
