@@ -92,6 +92,17 @@ class Geometry(BaseModel):
         return v
 
 
+class CodedConcept(BaseModel):
+    """A coded term (DICOM: CodingSchemeDesignator, CodeValue, CodeMeaning), e.g. SNOMED CT
+    ("SCT", "59820001", "Blood vessel"), as dataset.json's `label_codes` gives it per label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: str
+    value: str
+    meaning: str
+
+
 class PostProcessing(BaseModel):
     """What turns probabilities into the label map a clinician sees: argmax, then optionally
     only the largest connected component of each label listed (MONAI's
@@ -130,6 +141,9 @@ class InferenceContract(BaseModel):
     input_dtype: Literal["float32"] = "float32"
     output: Literal["softmax_probabilities"] = "softmax_probabilities"
     modality: str | None = None  # dataset.json's, e.g. CT or MR; None = any
+    #: per foreground label, from dataset.json's `label_codes`; a label without one is coded as
+    #: a generic anatomical structure in a DICOM SEG (never guessed from its name)
+    label_codes: dict[str, CodedConcept] = {}
     geometry: Geometry = Geometry()
     postprocessing: PostProcessing = PostProcessing()
 
