@@ -37,7 +37,8 @@ def bundle_labels(bundle: str, volume: str) -> tuple[np.ndarray, nib.Nifti1Image
 
     image = nib.load(volume)
     raw = np.asarray(image.dataobj, dtype=np.float32)
-    return load_bundle(Path(bundle), device="cpu").predict(raw[None, None])[0].argmax(0), image
+    bundle_ = load_bundle(Path(bundle), device="cpu")
+    return bundle_.predict(raw[None, None], image.affine, "labels")[0], image
 
 
 def check_train(url: str, model: str, run_id: str, artifacts: str) -> int:

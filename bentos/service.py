@@ -28,8 +28,12 @@ from clinbundle.apps import http_io
 
 log = logging.getLogger("clinbundle.bento")
 log.info(
-    "max_concurrency %d (CLINBUNDLE_MAX_CONCURRENCY): requests beyond it get 429",
+    "limits: max_concurrency %d (CLINBUNDLE_MAX_CONCURRENCY; more get 429), max_voxels %d, "
+    "memory budget %.1f GiB (a request that could never fit gets 413, one that does not fit "
+    "beside those in flight 429)",
     http_io.MAX_CONCURRENCY,
+    http_io.MAX_VOXELS,
+    http_io.LEDGER.budget / 2**30,
 )
 MODEL = bentoml.models.BentoModel(
     os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")

@@ -30,7 +30,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         path = write_dataset(
-            Path(args.out), n=args.n, shape=tuple(args.shape), seed=args.seed, n_test=args.n_test
+            Path(args.out),
+            n=args.n,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            n_test=args.n_test,
+            mixed_geometry=args.mixed_geometry,
         )
     except (ValueError, FileExistsError) as e:
         raise ClinbundleError(str(e)) from None
@@ -290,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-test", type=int, default=4, help="held-out volumes with labels")
     s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("D", "H", "W"))
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--mixed-geometry",
+        action="store_true",
+        help="store cases at mixed spacings (0.8x0.8x1.5 mm, ...) and orientations (RAS, LPS)",
+    )
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train on an MSD-style folder, log and register in MLflow")

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from clinbundle.runtime.contract import InferenceContract
-from clinbundle.runtime.inference import sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.geometry import affine_from_spacing
+from clinbundle.runtime.inference import segment, torch_predictor
 from clinbundle.runtime.networks import build_network
 
 log = logging.getLogger("clinbundle.pyfunc")
@@ -48,15 +50,33 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.network = net.to(self.device).eval()
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        """params: `affine` (16 numbers, row-major 4x4 voxel -> RAS mm) or `spacing` (3 numbers,
+        mm; axis-aligned RAS) say where the voxels are; neither = on the contract's grid.
+        `output`: "probabilities" (default) or "labels" (uint8, post-processed)."""
         if isinstance(model_input, dict) and len(model_input) == 1:  # serving JSON {"inputs": ..}
             model_input = next(iter(model_input.values()))
-        return sliding_window_probabilities(
+        params = params or {}
+        return segment(
             torch_predictor(self.network),
             model_input,
             self.contract,
+            affine=geometry_param(params),
+            output=params.get("output") or "probabilities",
             device=self.device,
             sw_batch_size=self.sw_batch_size,
         )
+
+
+def geometry_param(params: dict) -> np.ndarray | None:
+    """The affine the MLflow params give (`affine` wins over `spacing`), or None."""
+    affine, spacing = params.get("affine") or [], params.get("spacing") or []
+    if len(affine):
+        if len(affine) != 16:
+            raise InputError(f"param affine needs 16 numbers (a row-major 4x4), got {len(affine)}")
+        return np.asarray(affine, dtype=np.float64).reshape(4, 4)
+    if len(spacing):
+        return affine_from_spacing(spacing)
+    return None
 
 
 mlflow.models.set_model(SegmentationModel())

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clinbundle.runtime.errors import ModelResolutionError, TrackingError
+from clinbundle.runtime.geometry import spacing_of
 
 log = logging.getLogger("clinbundle.registry")
 
@@ -82,14 +83,14 @@ def load_eval_set(data_dir: Path) -> tuple[list[str], list[np.ndarray], list[np.
             f"{data_dir}/dataset.json has no labelled 'test' entries to compare models on; "
             "add {image, label} pairs under 'test' (clinbundle data synth writes imagesTs/labelsTs)"
         )
-    names, images, labels, spacings = [], [], [], []
+    names, images, labels, affines = [], [], [], []
     for it in ds.test:
         img = nib.load(it["image"])
         names.append(it["case"])
         images.append(np.asarray(img.dataobj, dtype=np.float32))
         labels.append(np.asarray(nib.load(it["label"]).dataobj).astype(np.uint8))
-        spacings.append(tuple(float(z) for z in img.header.get_zooms()[:3]))
-    return names, images, labels, spacings
+        affines.append(img.affine)
+    return names, images, labels, affines
 
 
 def score_version(name: str, version: str, eval_set: tuple, metric: str) -> Score:
@@ -97,11 +98,13 @@ def score_version(name: str, version: str, eval_set: tuple, metric: str) -> Scor
 
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     contract = model.metadata.metadata["inference_contract"]
-    _, images, labels, spacings = eval_set
+    _, images, labels, affines = eval_set
     values = []
-    for img, lab, sp in zip(images, labels, spacings, strict=True):
-        probs = model.predict(img[None, None])
-        pred = probs[0].argmax(0).astype(np.uint8)
+    for img, lab, affine in zip(images, labels, affines, strict=True):
+        # on each case's own grid, as a clinician measures: the model maps its answer back
+        params = {"affine": np.asarray(affine).ravel().tolist(), "output": "labels"}
+        pred = model.predict(img[None, None], params=params)[0]
+        sp = spacing_of(affine)
         values.append(segmentation_metrics(pred, lab, contract["num_classes"], sp)[metric])
     arr = np.array(values)
     return Score(version, metric, values, float(arr.mean()), bootstrap_ci(arr))

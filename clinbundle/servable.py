@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import clinbundle
 from clinbundle.runtime.contract import InferenceContract
@@ -31,6 +31,15 @@ def signature(contract: InferenceContract) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([TensorSpec(f32, (-1, contract.in_channels, -1, -1, -1))]),
         outputs=Schema([TensorSpec(f32, (-1, contract.num_classes, -1, -1, -1))]),
+        # where the voxels are (see pyfunc_model.SegmentationModel.predict); empty = the
+        # contract's grid, as before geometry existed
+        params=ParamSchema(
+            [
+                ParamSpec("affine", "double", [], (-1,)),
+                ParamSpec("spacing", "double", [], (-1,)),
+                ParamSpec("output", "string", "probabilities"),
+            ]
+        ),
     )
 
 

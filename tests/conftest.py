@@ -7,6 +7,7 @@ full quickstart (marked slow).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from clinbundle.packaging.bento import free_port
@@ -67,7 +69,8 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from clinbundle.training.synth import write_dataset
 
     root = tmp_path_factory.mktemp("data") / "vessels"
-    write_dataset(root, n=6, shape=(40, 40, 40), seed=3, n_test=3)
+    # a scanner archive: mixed spacings and orientations (the model trains on their median grid)
+    write_dataset(root, n=6, shape=(40, 40, 40), seed=3, n_test=3, mixed_geometry=True)
     return root
 
 
@@ -123,6 +126,80 @@ def packaged(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Pack
     return Packaged(trained, model, bundle, report)
 
 
+@pytest.fixture(scope="session")
+def bento_archive(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`clinbundle package bento` on the session champion, reusing its ONNX bundle."""
+    t = packaged.trained
+    out = tmp_path_factory.mktemp("bento") / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clinbundle",
+            "package",
+            "bento",
+            "--model",
+            f"models:/{t.name}@champion",
+            "--bundle",
+            str(packaged.bundle),
+            "--out",
+            str(out),
+            "--workdir",
+            str(t.workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "BENTOML_HOME"},
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    archive = Path(r.stdout.strip().splitlines()[-1])
+    assert archive.suffix == ".bento" and archive.parent == out and archive.is_file()
+    return archive
+
+
+def geometry_variants(data_root: Path) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The held-out vessels as stored, resampled to 0.5 x 0.5 x 2.5 mm, and stored LPS:
+    (variant, raw image, truth on that grid, affine) for each case."""
+    import nibabel as nib
+
+    from clinbundle.runtime.geometry import spacing_of
+    from clinbundle.training.synth import regrid
+
+    out = []
+    meta = json.loads((data_root / "dataset.json").read_text())
+    for pair in meta["test"]:
+        img, lab = nib.load(data_root / pair["image"]), nib.load(data_root / pair["label"])
+        image = np.asarray(img.dataobj, dtype=np.float32)
+        label = np.asarray(lab.dataobj).astype(np.uint8)
+        out.append(("stored", image, label, img.affine))
+        out.append(("0.5x0.5x2.5", *regrid(image, label, img.affine, (0.5, 0.5, 2.5), "RAS")))
+        out.append(("LPS", *regrid(image, label, img.affine, spacing_of(img.affine), "LPS")))
+    return out
+
+
+def mean_dice_by_variant(variants: list, segment) -> dict[str, float]:
+    """Mean Dice against the truth on each input's own grid, per variant; `segment(image,
+    affine)` returns labels on the image's grid (the format under test)."""
+    from clinbundle.runtime.geometry import spacing_of
+    from clinbundle.training.metrics import segmentation_metrics
+
+    scores: dict[str, list[float]] = {}
+    for variant, image, label, affine in variants:
+        labels = segment(image, affine)
+        assert labels.shape == image.shape, (variant, labels.shape, image.shape)
+        dice = segmentation_metrics(labels, label, 2, spacing_of(affine))["dice"]
+        scores.setdefault(variant, []).append(dice)
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def assert_same_vessels(dice: dict[str, float], tolerance: float = 0.05) -> None:
+    """Issue 13's acceptance: every geometry within `tolerance` of the stored one."""
+    assert dice["stored"] > 0.3, f"the model found few vessels at all: {dice}"
+    for variant, value in dice.items():
+        assert abs(value - dice["stored"]) <= tolerance, f"{variant}: {dice}"
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts) that a test can
     stop and start again on the same port with the same store, like a restarted server."""
@@ -154,7 +231,7 @@ class MlflowServer:
             stderr=subprocess.STDOUT,
             cwd=self.root,
         )
-        for _ in range(240):
+        for _ in range(480):  # generous: a shared CI machine may be slow to start it
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=2).read()
                 return
@@ -162,7 +239,7 @@ class MlflowServer:
                 if self.proc.poll() is not None:
                     raise RuntimeError((self.root / "server.log").read_text()) from None
                 time.sleep(0.25)
-        raise RuntimeError("mlflow server did not become healthy in 60 s")
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

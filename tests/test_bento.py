@@ -45,38 +45,6 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def bento_archive(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`clinbundle package bento` on the session champion, reusing its ONNX bundle."""
-    t = packaged.trained
-    out = tmp_path_factory.mktemp("bento") / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clinbundle",
-            "package",
-            "bento",
-            "--model",
-            f"models:/{t.name}@champion",
-            "--bundle",
-            str(packaged.bundle),
-            "--out",
-            str(out),
-            "--workdir",
-            str(t.workdir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={k: v for k, v in os.environ.items() if k != "BENTOML_HOME"},
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    archive = Path(r.stdout.strip().splitlines()[-1])
-    assert archive.suffix == ".bento" and archive.parent == out and archive.is_file()
-    return archive
-
-
-@pytest.fixture(scope="session")
 def server(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
     """`clinbundle serve ARCHIVE` in a fresh BentoML home: token, limits, slow warm-up."""
     home = tmp_path_factory.mktemp("serve")

@@ -191,7 +191,7 @@ def test_nifti_labels_equal_the_onnx_bundle_offline(
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
     labels = np.asarray(seg.dataobj)
     bundle = load_bundle(map_dir / "models" / packaged.model.name, "cpu")
-    expected = bundle.predict(volume[None, None])[0].argmax(0)
+    expected = bundle.predict(volume[None, None], affine, output="labels")[0]
     assert labels.shape == volume.shape
     assert labels.sum() > 0, "an empty mask would make this comparison meaningless"
     np.testing.assert_array_equal(labels, expected)
@@ -241,8 +241,8 @@ def test_dicom_series_gives_a_seg_with_the_source_geometry(
     reference = torch_runtime(model.load_network(), model.contract, "cpu")
     report = check_parity(
         reference,
-        Runtime(lambda _v: labels[None], "DICOM SEG from the MAP app"),
-        [ParityCase("dicom", stored)],
+        Runtime(lambda _v, _a: labels[None], "DICOM SEG from the MAP app"),
+        [ParityCase("dicom", stored, affine=geometry.affine_ras())],
         model.contract,
         Tolerances(),
         "map-test",
@@ -301,3 +301,34 @@ def test_run_map_cli_reports_the_exit_code(map_dir: Path, tmp_path: Path, capsys
     assert rc == 2
     assert "is empty" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_map_segments_the_same_vessels_and_a_whole_ct_on_their_own_grids(
+    map_dir: Path, trained, tmp_path: Path
+) -> None:
+    """Issue 13 through the MAP: the held-out vessels as stored, at 0.5 x 0.5 x 2.5 mm and
+    LPS, and a 512 x 512 x 300 int16 CT, in one app run; labels come back on each grid."""
+    from clinbundle.training.synth import synthetic_ct
+
+    from conftest import assert_same_vessels, geometry_variants, mean_dice_by_variant
+
+    variants = geometry_variants(trained.data)
+    (tmp_path / "in").mkdir()
+    for n, (_variant, image, _label, affine) in enumerate(variants):
+        nib.save(nib.Nifti1Image(image, affine), tmp_path / "in" / f"case{n}.nii.gz")
+    ct_affine = np.diag([-0.7, -0.7, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(synthetic_ct((512, 512, 300)), ct_affine), tmp_path / "in" / "ct.nii")
+    proc, out = _run(map_dir, tmp_path, tmp_path / "in")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ct = nib.load(out / "ct_seg.nii.gz")
+    assert ct.shape == (512, 512, 300)
+    np.testing.assert_allclose(ct.affine, ct_affine, atol=1e-5)
+
+    by_index = {id(image): n for n, (_v, image, _l, _a) in enumerate(variants)}
+
+    def segment(image, affine):
+        seg = nib.load(out / f"case{by_index[id(image)]}_seg.nii.gz")
+        np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+        return np.asarray(seg.dataobj)
+
+    assert_same_vessels(mean_dice_by_variant(variants, segment))

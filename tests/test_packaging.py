@@ -71,7 +71,7 @@ def test_reference_runs_each_suite_volume_once_and_keeps_its_time() -> None:
     """One packaging run checks several formats against one PyTorch pass over the suite."""
     calls: list[int] = []
 
-    def run(volume: np.ndarray) -> np.ndarray:
+    def run(volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
         calls.append(id(volume))
         return volume * 2
 

@@ -73,6 +73,11 @@ def test_dataset_json_structure(dataset: Path) -> None:
     assert meta["tensorImageSize"] == "3D"
     assert meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "vessel"}
+    assert meta["label_codes"]["1"] == {
+        "scheme": "SCT",
+        "value": "59820001",
+        "meaning": "Blood vessel",
+    }
     assert meta["numTraining"] == 3 and len(meta["training"]) == 3
     assert meta["numTest"] == 1 and len(meta["test"]) == 1
     assert meta["training"][0] == {
@@ -87,6 +92,7 @@ def test_dataset_json_structure(dataset: Path) -> None:
         "seed": 7,
         "shape": list(SHAPE),
         "spacing": [0.8, 0.9, 1.5],
+        "mixed_geometry": False,
         "generator_version": 1,
     }
     for entry in meta["training"] + meta["test"]:
@@ -178,3 +184,21 @@ def test_interrupted_run_is_recognised_and_cleaned(tmp_path: Path) -> None:
     write_dataset(tmp_path, n=2, shape=(16, 16, 16), n_test=0)
     assert not leftover.exists()
     assert (tmp_path / "imagesTr" / "vessel_000.nii.gz").read_bytes() != b"partial"
+
+
+def test_mixed_geometry_stores_the_same_anatomy_at_other_spacings_and_orientations(
+    tmp_path: Path,
+) -> None:
+    """Case i takes GEOMETRY_VARIANTS[i % 4]; the world extent of each case stays the same."""
+    from clinbundle.runtime.geometry import spacing_of
+    from clinbundle.training.synth import GEOMETRY_VARIANTS
+
+    write_dataset(tmp_path / "d", n=4, shape=(32, 32, 32), seed=1, n_test=0, mixed_geometry=True)
+    for i, (spacing, axcodes) in enumerate(GEOMETRY_VARIANTS):
+        img = nib.load(tmp_path / "d" / "imagesTr" / f"vessel_{i:03d}.nii.gz")
+        lab = nib.load(tmp_path / "d" / "labelsTr" / f"vessel_{i:03d}.nii.gz")
+        assert "".join(nib.aff2axcodes(img.affine)) == axcodes
+        assert np.allclose(spacing_of(img.affine), spacing)
+        assert np.allclose(np.array(img.shape) * spacing, 32, atol=max(spacing))
+        assert np.array_equal(img.affine, lab.affine) and img.shape == lab.shape
+        assert set(np.unique(np.asarray(lab.dataobj))) <= {0, 1}

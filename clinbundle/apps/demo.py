@@ -57,7 +57,7 @@ class Case:
 
     name: str
     image: np.ndarray  # float32 (D, H, W), raw intensities
-    affine: np.ndarray
+    affine: np.ndarray | None  # None: a .npy upload, taken to be on the model grid
     sha256: str
     truth: np.ndarray | None = None
     prediction: np.ndarray | None = None
@@ -82,7 +82,7 @@ def read_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarra
         array, affine = http_io.read_volume(path, MAX_VOXELS, "what this demo runs")
     except http_io.BadRequest as e:
         raise InputError(f"{path.name} ({what}): {e}") from None
-    return array[0, 0], np.asarray(affine, dtype=float)
+    return array[0, 0], None if affine is None else np.asarray(affine, dtype=float)
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -198,10 +198,11 @@ class DemoRuntime:
     labels: dict[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
 
 
-def _labels_from(runtime_run: Callable[[np.ndarray], np.ndarray]) -> Callable:
-    def segment(image: np.ndarray, _affine: np.ndarray) -> np.ndarray:
-        probs = runtime_run(image[None, None].astype(np.float32))
-        return probs.argmax(axis=1)[0].astype(np.uint8)
+def _labels_from(runtime_run: Callable) -> Callable:
+    """A runner of the one inference path as (image, affine) -> labels on the image's grid."""
+
+    def segment(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        return runtime_run(image[None, None].astype(np.float32), affine, output="labels")[0]
 
     return segment
 
@@ -263,8 +264,8 @@ def onnx_bundle_runtime(path: Path, device: str = "auto") -> DemoRuntime:
     )
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    img = nib.Nifti1Image(array, affine)
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None) -> bytes:
+    img = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
     return gzip.compress(img.to_bytes(), compresslevel=1)
 
 

@@ -11,6 +11,7 @@ its scaling; /segment_array takes float32 .npy only, as its contract says.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.metadata as md
 import io
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -27,12 +29,19 @@ import numpy as np
 
 from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
 from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.geometry import check_affine, spacing_of
 
 log = logging.getLogger("clinbundle.service")
 
-#: Request body limit (bytes) and volume limit (voxels); both overridable by environment.
+#: Request body limit (bytes); overridable by environment.
 MAX_REQUEST_BYTES = int(os.environ.get("CLINBUNDLE_MAX_REQUEST_BYTES", 512 * 1024**2))
-MAX_VOXELS = int(os.environ.get("CLINBUNDLE_MAX_VOXELS", 256**3))
+#: Share of the machine's (or the container's) memory that requests in flight may use.
+MEMORY_SHARE = float(os.environ.get("CLINBUNDLE_MEMORY_SHARE", 0.75))
+#: Bytes one request holds per voxel of the input grid (the float32 volume, one class mapped
+#: back, the best-so-far probability, the labels, the upload itself) and of the model grid per
+#: class (sliding-window output and softmax) plus per voxel (resampled and normalised image,
+#: the window count map). Measured peaks stay under these (benchmarks/whole_ct.py).
+BYTES_PER_INPUT_VOXEL, BYTES_PER_MODEL_VOXEL, BYTES_PER_MODEL_VOXEL_CLASS = 16, 12, 8
 #: Requests in flight at once; more are refused at once with 429 (BentoML's max_concurrency),
 #: not queued: each one holds a volume and its probabilities, and on a CPU a queue only turns
 #: into client timeouts. Raise it on a machine with more cores or a GPU.
@@ -52,6 +61,12 @@ class BadRequest(ValueError):
 
 class TooLarge(BadRequest):
     status = 413
+
+
+class Busy(BadRequest):
+    """Too much in flight: retry later (429, as for BentoML's concurrency limit)."""
+
+    status = 429
 
 
 def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
@@ -75,7 +90,75 @@ def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
     return bundle
 
 
-SERVICE_LIMIT = "this service's limit (CLINBUNDLE_MAX_VOXELS)"
+def memory_budget() -> int:
+    """Bytes that requests may use: MEMORY_SHARE of the cgroup limit or physical memory."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(raw)) if raw.isdigit() else total
+    except OSError:
+        pass
+    return int(total * MEMORY_SHARE)
+
+
+def request_bytes(
+    shape: tuple[int, ...], spacing: tuple | None, contract, probabilities: bool = False
+) -> int:
+    """What segmenting one volume of `shape` (at `spacing` mm) holds at its peak."""
+    n_in = int(np.prod(shape))
+    target = contract.geometry.spacing
+    scale = 1.0 if target is None or spacing is None else np.prod(np.divide(spacing, target))
+    n_model = int(n_in * scale)
+    k = contract.num_classes
+    need = n_in * BYTES_PER_INPUT_VOXEL + n_model * (
+        BYTES_PER_MODEL_VOXEL + k * BYTES_PER_MODEL_VOXEL_CLASS
+    )
+    return need + (n_in * 4 * k if probabilities else 0)
+
+
+#: Voxel limit of an upload, checked from its header before anything is allocated: an explicit
+#: CLINBUNDLE_MAX_VOXELS, else what the memory budget holds for a 4-class model on its own grid
+#: (about 400 M voxels on 24 GiB: a 512 x 512 x 1000 CT fits). The model-aware check comes per
+#: request (`check_memory`).
+MAX_VOXELS = int(os.environ.get("CLINBUNDLE_MAX_VOXELS", 0)) or memory_budget() // (
+    BYTES_PER_INPUT_VOXEL + BYTES_PER_MODEL_VOXEL + 4 * BYTES_PER_MODEL_VOXEL_CLASS
+)
+SERVICE_LIMIT = "this service's limit (CLINBUNDLE_MAX_VOXELS, or derived from its memory)"
+
+
+class MemoryLedger:
+    """Requests reserve their estimated peak before they run: one that could never fit is a
+    413 with the numbers, one that does not fit beside those in flight a 429 (retry), so the
+    process is never OOM-killed by a burst of large volumes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, need: int, what: str):
+        if need > self.budget:
+            raise TooLarge(
+                f"{what} needs about {need / 2**30:.1f} GiB to segment, over this service's "
+                f"memory budget of {self.budget / 2**30:.1f} GiB (CLINBUNDLE_MEMORY_SHARE of "
+                "the machine); crop it or send it at a coarser spacing"
+            )
+        with self._lock:
+            if self.used + need > self.budget:
+                raise Busy(
+                    f"{what} needs about {need / 2**30:.1f} GiB; "
+                    f"{(self.budget - self.used) / 2**30:.1f} GiB is free while other requests "
+                    "run: retry shortly"
+                )
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= need
+
+
+LEDGER = MemoryLedger(memory_budget())
 
 
 def _check_volume(
@@ -96,8 +179,8 @@ def read_volume(
     path: Path,
     max_voxels: int = MAX_VOXELS,
     limit_name: str = SERVICE_LIMIT,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Upload -> (float32 (1, 1, D, H, W), affine); identity affine for .npy.
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Upload -> (float32 (1, 1, D, H, W), affine); no affine (None) for .npy.
 
     The one reader of uploaded volumes (the service and the demo): it goes by the bytes, not
     the name, unpacks gzip with a bound, never unpickles, and refuses what a runtime would
@@ -113,7 +196,7 @@ def read_volume(
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise BadRequest(f"a .npy volume must hold real numbers, got {array.dtype}")
         array = array.astype(np.float32)
-        affine = np.eye(4)
+        affine = None  # no geometry: the array is taken to be on the model's grid
     else:
         image = _nifti(data)
         if len(image.shape) == 4 and image.shape[3] == 1:
@@ -167,23 +250,39 @@ def _nifti(data: bytes) -> nib.Nifti1Image:
         raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
 
 
-def _predict(bundle: OnnxBundle, volume: np.ndarray) -> np.ndarray:
+def _predict(
+    bundle: OnnxBundle, volume: np.ndarray, affine: np.ndarray | None, probabilities: bool
+) -> np.ndarray:
+    """The one inference path under this request's memory reservation; bad geometry is a 400."""
+    spacing = None
     try:
-        return bundle.predict(volume)
+        if affine is not None:
+            spacing = spacing_of(check_affine(affine, "the volume"))
+        need = request_bytes(volume.shape[1:], spacing, bundle.contract, probabilities)
+        with LEDGER.reserve(need * volume.shape[0], "the volume"):
+            output = "probabilities" if probabilities else "labels"
+            return bundle.predict(volume, affine, output=output)
     except InputError as e:
         raise BadRequest(str(e)) from None
+    except MemoryError:
+        raise TooLarge("the volume does not fit in this service's memory") from None
 
 
 def segment_nifti(
-    bundle: OnnxBundle, volume: np.ndarray, affine: np.ndarray, probabilities: bool, out_dir: str
+    bundle: OnnxBundle,
+    volume: np.ndarray,
+    affine: np.ndarray | None,
+    probabilities: bool,
+    out_dir: str,
 ) -> Path:
-    """Labels (uint8, the input's affine) or, if asked, float32 (D, H, W, K) probabilities."""
-    probs = _predict(bundle, volume)[0]
+    """Labels (uint8) or, if asked, float32 (D, H, W, K) probabilities, on the input's grid and
+    with its affine (a .npy upload, which has none, is taken to be on the model's grid)."""
+    result = _predict(bundle, volume, affine, probabilities)[0]
     if probabilities:
-        data = np.moveaxis(probs, 0, -1).astype(np.float32)
+        data = np.moveaxis(result, 0, -1).astype(np.float32)
     else:
-        data = probs.argmax(0).astype(np.uint8)
-    image = nib.Nifti1Image(data, affine)
+        data = result.astype(np.uint8)
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
     image.header.set_xyzt_units("mm")
     out = Path(tempfile.mkdtemp(dir=out_dir)) / "segmentation.nii.gz"
     nib.save(image, out)
@@ -204,8 +303,7 @@ def segment_npy(bundle: OnnxBundle, path: Path, probabilities: bool, out_dir: st
         raise BadRequest(f"expected (D, H, W) or (N, C, D, H, W), got shape {array.shape}")
     _check_volume(array, "the array")
     volume = array[None, None] if array.ndim == 3 else array
-    probs = _predict(bundle, np.ascontiguousarray(volume))
-    result = probs if probabilities else probs.argmax(1).astype(np.uint8)
+    result = _predict(bundle, np.ascontiguousarray(volume), None, probabilities)
     if array.ndim == 3:
         result = result[0]
     out = Path(tempfile.mkdtemp(dir=out_dir)) / "result.npy"
@@ -234,6 +332,12 @@ def service_metadata(bundle_path: Path) -> dict:
         "limits": {
             "max_request_bytes": MAX_REQUEST_BYTES,
             "max_voxels": MAX_VOXELS,
+            "memory_budget_bytes": LEDGER.budget,
+            "bytes_per_voxel": {
+                "input_grid": BYTES_PER_INPUT_VOXEL,
+                "model_grid": BYTES_PER_MODEL_VOXEL,
+                "model_grid_per_class": BYTES_PER_MODEL_VOXEL_CLASS,
+            },
             "max_concurrency": MAX_CONCURRENCY,
         },
     }

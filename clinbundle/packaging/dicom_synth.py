@@ -38,6 +38,15 @@ class SeriesGeometry:
     def normal(self) -> np.ndarray:
         return np.cross(self.row_direction, self.column_direction)
 
+    def affine_ras(self) -> np.ndarray:
+        """The nibabel (RAS) affine of `volume[i, j, k]`: what a reader of the series rebuilds."""
+        lps = np.eye(4)
+        lps[:3, 0] = np.asarray(self.row_direction) * self.spacing[0]
+        lps[:3, 1] = np.asarray(self.column_direction) * self.spacing[1]
+        lps[:3, 2] = self.normal * self.spacing[2]
+        lps[:3, 3] = self.origin
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
     def position(self, k: int) -> list[float]:
         """ImagePositionPatient of slice k."""
         return [float(x) for x in np.asarray(self.origin) + k * self.spacing[2] * self.normal]

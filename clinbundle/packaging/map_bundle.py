@@ -307,14 +307,13 @@ def map_parity(
         tmp = Path(tmpdir)
         (tmp / "nifti_in").mkdir()
         names = {}
+        on_grid = np.diag([*(model.contract.geometry.spacing or (0.8, 0.7, 1.5)), 1.0])
         for c, case in enumerate(cases):
             for n, volume in enumerate(case.volume[:, 0]):
                 name = f"case{c}_{n}"
                 names[name] = (c, n)
-                nib.save(
-                    nib.Nifti1Image(volume, np.diag([0.8, 0.7, 1.5, 1.0])),
-                    tmp / "nifti_in" / f"{name}.nii.gz",
-                )
+                affine = on_grid if case.affine is None else case.affine
+                nib.save(nib.Nifti1Image(volume, affine), tmp / "nifti_in" / f"{name}.nii.gz")
         t = _checked_run(map_dir, tmp / "nifti_in", tmp / "nifti_out")
         for c, case in enumerate(cases):
             labels = [
@@ -327,17 +326,23 @@ def map_parity(
         # the same awkward volume as a DICOM series, at the whole-HU precision DICOM stores
         source = next(c for c in cases if c.name == DICOM_CASE)
         volume = quantize_hu(source.volume[0, 0])
-        files = write_ct_series(volume, tmp / "dicom_in", oblique(), SeriesInfo())
+        geometry = oblique()
+        files = write_ct_series(volume, tmp / "dicom_in", geometry, SeriesInfo())
         t = _checked_run(map_dir, tmp / "dicom_in", tmp / "dicom_out")
         segs = list((tmp / "dicom_out").glob("*.dcm"))
         if len(segs) != 1:
             raise ParityError(f"the MAP app wrote {len(segs)} DICOM SEG files, expected 1")
-        dicom_case = ParityCase(f"dicom:{DICOM_CASE}", volume[None, None], "CT series -> DICOM SEG")
+        dicom_case = ParityCase(
+            f"dicom:{DICOM_CASE}",
+            volume[None, None],
+            "CT series (oblique, 0.8 x 0.7 x 1.5 mm) -> DICOM SEG",
+            geometry.affine_ras(),
+        )
         outputs[id(dicom_case.volume)] = read_seg_labels(segs[0], files)[None]
         seconds[id(dicom_case.volume)] = t
 
     candidate = Runtime(
-        lambda v: outputs[id(v)],
+        lambda v, _affine: outputs[id(v)],
         f"MAP app process (monai-deploy-app-sdk {SDK_VERSION}, ONNX bundle); labels from "
         "NIfTI / DICOM SEG files (time: share of the app process)",
     )

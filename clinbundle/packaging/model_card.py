@@ -30,6 +30,17 @@ def _metrics_rows(model: ResolvedModel) -> list[str]:
     return rows or ["| - | no metrics recorded | - | - |"]
 
 
+def _normalisation_text(norm) -> str:
+    if norm.kind == "zscore":
+        return "per-volume z-score (mean 0, sd 1) inside the model"
+    if norm.kind == "window":
+        return f"clip to [{norm.a_min}, {norm.a_max}] and scale to [0, 1] inside the model"
+    return (
+        f"nnU-Net CT: clip to [{norm.a_min:.4g}, {norm.a_max:.4g}] (training foreground 0.5/99.5 "
+        f"percentiles), then (x - {norm.mean:.4g}) / {norm.std:.4g}, inside the model"
+    )
+
+
 def render_model_card(
     model: ResolvedModel, report: ParityReport, manifest: dict, files: dict[str, str]
 ) -> str:
@@ -37,11 +48,15 @@ def render_model_card(
     p = model.run_params
     labels = ", ".join(f"{k} = {v}" for k, v in sorted(c.labels.items(), key=lambda kv: int(kv[0])))
     norm = c.normalization
-    norm_text = (
-        "per-volume z-score (mean 0, sd 1) inside the model"
-        if norm.kind == "zscore"
-        else f"clip to [{norm.a_min}, {norm.a_max}] and scale to [0, 1] inside the model"
-    )
+    norm_text = _normalisation_text(norm)
+    geo = c.geometry
+    geometry_text = (
+        f"resampled to {' x '.join(f'{s:g}' for s in geo.spacing)} mm"
+        if geo.spacing
+        else "kept on its own grid (trained natively"
+        + (f" on {geo.spacing_range[0]}..{geo.spacing_range[1]} mm" if geo.spacing_range else "")
+        + ")"
+    ) + (f", reoriented to {geo.orientation}" if geo.orientation else "")
     o = report.overall()
     parity_rows = [
         f"| {r.name} | {'x'.join(map(str, r.shape))} | "
@@ -65,15 +80,17 @@ data from the site where it will be used before relying on it.
 ## Inputs and outputs
 | | |
 |---|---|
-| input | float32 array (N, {c.in_channels}, D, H, W) of raw intensities; any D, H, W >= 1 |
+| input | float32 array (N, {c.in_channels}, D, H, W) of raw intensities; any D, H, W >= 1; with its affine (NIfTI header, DICOM geometry) |
+| modality | {c.modality or "any"} |
+| geometry | each input is {geometry_text}; the answer is mapped back to the input's grid (bilinear probabilities, argmax there) |
 | normalisation | {norm_text} |
-| output | float32 softmax probabilities (N, {c.num_classes}, D, H, W); labels = argmax over axis 1 |
+| output | float32 softmax probabilities (N, {c.num_classes}, D, H, W) on the input's grid; labels = argmax over axis 1{", then the largest component of labels " + str(c.postprocessing.largest_component) if c.postprocessing.largest_component else ""} |
 | classes | {labels} |
 | sliding window | roi {list(c.roi_size)}, overlap {c.overlap}, {c.blend_mode} blending, batch {c.sw_batch_size} (MONAI `sliding_window_inference`) |
 | graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {manifest["precision"]} |
 
 The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
-clinbundle (`clinbundle.packaging.onnx_bundle.load_bundle`), or with any ONNX Runtime by
+clinbundle (`clinbundle.runtime.bundle_reader.load_bundle`), or with any ONNX Runtime by
 normalising, windowing and blending as the contract says.
 
 ## Training data
@@ -99,8 +116,10 @@ Overall max abs difference {o["max_abs"] if o["max_abs"] is None else f"{o['max_
 Full report: `parity/parity_report.md` and `.json`.
 
 ## Limitations
-- No resampling or reorientation: give volumes at the voxel spacing and orientation of the
-  training data; other spacings change what a vessel looks like to the model.
+- Volumes without geometry (a bare array, a .npy upload) are taken to be on the training grid
+  ({geometry_text}); give NIfTI or DICOM so the spacing and orientation are known.
+- Resampling a volume much coarser than the training grid (e.g. 5 mm slices) cannot restore
+  what the scanner did not record; the parity suite's anisotropic case shows the effect.
 - Single input channel ({c.in_channels}); intensities are normalised per volume, so crops of a
   volume are not normalised like the whole volume.
 - Near-tie voxels can flip label between runtimes; the flipped fraction above bounds it.

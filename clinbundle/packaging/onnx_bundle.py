@@ -154,7 +154,7 @@ def verify_bundle(path: Path, device: str = "auto") -> ParityReport:
     volume = np.load(path / "sample" / "input.npy", allow_pickle=False)
     reference = np.load(path / "sample" / "reference.npy", allow_pickle=False)
     tol = Tolerances(**manifest["parity"]["tolerances"])
-    stored = Runtime(lambda _v: reference, "PyTorch output stored in sample/reference.npy")
+    stored = Runtime(lambda _v, _a: reference, "PyTorch output stored in sample/reference.npy")
     report = check_parity(
         stored, bundle.runtime, [ParityCase("sample", volume)], bundle.contract, tol, "verify"
     )

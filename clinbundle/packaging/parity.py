@@ -22,6 +22,7 @@ import torch
 from monai.metrics import compute_dice
 
 from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.labels import labels_from_probabilities
 from clinbundle.runtime.runners import Runtime
 
 log = logging.getLogger("clinbundle.parity")
@@ -48,6 +49,7 @@ class ParityCase:
     name: str
     volume: np.ndarray  # raw float32 (N, C, D, H, W)
     why: str = ""
+    affine: np.ndarray | None = None  # voxel -> RAS mm; None: on the contract's grid
 
 
 @dataclass
@@ -174,7 +176,7 @@ def _labels_of(output: np.ndarray, contract: InferenceContract) -> tuple[np.ndar
             raise ValueError(
                 f"candidate returned {output.shape[1]} classes, expected {contract.num_classes}"
             )
-        return output.argmax(1), True
+        return labels_from_probabilities(output, contract.postprocessing, axis=1), True
     if np.issubdtype(output.dtype, np.integer) and output.ndim == 4:
         return output, False
     raise ValueError(
@@ -236,9 +238,9 @@ def compare(
     return res
 
 
-def _timed(fn, volume: np.ndarray) -> tuple[np.ndarray, float]:
+def _timed(fn, volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
-    out = fn(volume)
+    out = fn(volume, affine)
     return out, time.perf_counter() - t0
 
 
@@ -255,11 +257,13 @@ class Reference:
         self.description = runtime.description
         self._outputs: dict[int, tuple[np.ndarray, float]] = {}
 
-    def output(self, volume: np.ndarray) -> tuple[np.ndarray, float]:
+    def output(
+        self, volume: np.ndarray, affine: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float]:
         if not any(case.volume is volume for case in self.cases):
-            return _timed(self.runtime.run, volume)
+            return _timed(self.runtime.run, volume, affine)
         if id(volume) not in self._outputs:
-            self._outputs[id(volume)] = _timed(self.runtime.run, volume)
+            self._outputs[id(volume)] = _timed(self.runtime.run, volume, affine)
         return self._outputs[id(volume)]
 
 
@@ -276,8 +280,8 @@ def check_parity(
         reference = Reference(reference, [])
     cases = []
     for case in volumes:
-        ref, t_ref = reference.output(case.volume)
-        cand, t_cand = _timed(candidate.run, case.volume)
+        ref, t_ref = reference.output(case.volume, case.affine)
+        cand, t_cand = _timed(candidate.run, case.volume, case.affine)
         result = compare(case, ref, cand, contract, tolerances, (t_ref, t_cand))
         log.info(
             "parity %s %s %s: max_abs=%s flips=%d %s",
@@ -318,11 +322,38 @@ def parity_suite(
     cases = [ParityCase(name, vessels(shape)[None, None], why) for name, shape, why in shapes]
     pair = [vessels((r[0] + 3, r[1] + 7, r[2] + 1)) for _ in range(2)]
     cases.append(ParityCase("batch2", np.stack(pair)[:, None], "two volumes in one call"))
+    cases += geometry_cases(contract, vessels((r[0] + 5, r[1] + 9, r[2] + 3)))
     for path in validation or []:
-        image = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        img = nib.load(str(path))
+        image = np.asarray(img.dataobj, dtype=np.float32)
         name = Path(path).name.removesuffix(".gz").removesuffix(".nii")
-        cases.append(ParityCase(f"val:{name}", image[None, None], "the run's validation volume"))
+        cases.append(
+            ParityCase(f"val:{name}", image[None, None], "the run's validation volume", img.affine)
+        )
     return cases
+
+
+def geometry_cases(contract: InferenceContract, volume: np.ndarray) -> list[ParityCase]:
+    """The same anatomy as a scanner would store it: anisotropic (0.5 x 0.5 x 2.5 mm), LPS, and
+    oblique (rotated 20 degrees, 0.9 x 0.9 x 1.3 mm); compared on the input's grid."""
+    from clinbundle.training.synth import regrid
+
+    base = np.diag([*(contract.geometry.spacing or (1.0, 1.0, 1.0)), 1.0])
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    aniso, _, aniso_affine = regrid(volume, label, base, (0.5, 0.5, 2.5), "RAS")
+    lps, _, lps_affine = regrid(volume, label, base, tuple(np.diag(base)[:3]), "LPS")
+    a = np.deg2rad(20.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    oblique_affine = np.eye(4)
+    oblique_affine[:3, :3] = rot @ np.diag([0.9, 0.9, 1.3])
+    oblique_affine[:3, 3] = [-12.0, 7.0, 3.0]
+    return [
+        ParityCase(
+            "aniso_0.5x0.5x2.5", aniso[None, None], "resampled to the contract", aniso_affine
+        ),
+        ParityCase("lps", lps[None, None], "stored LPS: reoriented and back", lps_affine),
+        ParityCase("oblique", volume[None, None], "rotated 20 deg, anisotropic", oblique_affine),
+    ]
 
 
 def record_parity(report: ParityReport, model, folder: Path) -> list[Path]:

@@ -33,6 +33,7 @@ def http_runtime(
     The service runs the shared sliding-window path itself; this runner only moves bytes, so a
     difference from the ONNX bundle can only come from the server side.
     """
+    import gzip
     import io
 
     import httpx
@@ -40,7 +41,27 @@ def http_runtime(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     endpoint = url.rstrip("/") + "/segment_array"
 
-    def run(volume: np.ndarray) -> np.ndarray:
+    def run_nifti(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """With geometry: the volume as NIfTI to /segment, probabilities back as NIfTI."""
+        import nibabel as nib
+
+        r = httpx.post(
+            url.rstrip("/") + "/segment",
+            files={"file": ("volume.nii", nib.Nifti1Image(volume[0, 0], affine).to_bytes())},
+            data={"probabilities": "true"},
+            headers=headers,
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}/segment answered {r.status_code}: {r.text[:500]}")
+        probs = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
+        return np.moveaxis(probs, -1, 0)[None].astype(np.float32)
+
+    def run(volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+        if affine is not None:
+            if volume.shape[0] != 1:
+                raise ValueError("one volume per request when an affine is given")
+            return run_nifti(volume, affine)
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(volume, dtype=np.float32), allow_pickle=False)
         r = httpx.post(

@@ -19,6 +19,7 @@ import onnx
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import sha256_file, tree_hashes
+from clinbundle.runtime.inference import Output
 from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
 
 log = logging.getLogger("clinbundle.bundle")
@@ -78,9 +79,15 @@ class OnnxBundle:
     contract: InferenceContract
     runtime: Runtime
 
-    def predict(self, volume: np.ndarray) -> np.ndarray:
-        """Raw float32 (N, C, D, H, W) -> probabilities (N, K, D, H, W), via the shared path."""
-        return self.runtime.run(volume)
+    def predict(
+        self,
+        volume: np.ndarray,
+        affine: np.ndarray | None = None,
+        output: Output = "probabilities",
+    ) -> np.ndarray:
+        """Raw float32 (N, C, D, H, W) on the grid `affine` describes -> probabilities
+        (N, K, D, H, W) or labels (N, D, H, W) on that grid, via the one inference path."""
+        return self.runtime.run(volume, affine, output)
 
 
 def load_bundle(path: Path, device: str = "auto", threads: int | None = None) -> OnnxBundle:

@@ -1,22 +1,33 @@
-"""The one sliding-window inference path, shared by every runtime.
+"""The one inference path, shared by every runtime.
 
 PyTorch (training validation, the MLflow pyfunc, the parity reference) and ONNX Runtime (the
-ONNX bundle, which the bento, the MAP app and the demo run) all call
-`sliding_window_probabilities` with a different `Predictor`; normalisation, window layout,
-blending and softmax are therefore identical, and a difference in output can only come from the
-runtime that computes the patches.
+ONNX bundle, which the bento, the MAP app and the demo run) all call `segment` (or, on an
+array already on the model's grid, `sliding_window_probabilities`) with a different
+`Predictor`; geometry, normalisation, window layout, blending, softmax and post-processing are
+therefore identical, and a difference in output can only come from the runtime that computes
+the patches.
+
+    input grid (any spacing, orientation) -> contract grid (geometry.Plan) -> normalise
+    -> sliding window -> probabilities -> back to the input grid, one class at a time
+    -> labels (argmax + post-processing), or all probabilities when asked for
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from clinbundle.runtime import geometry
 from clinbundle.runtime.contract import InferenceContract, Normalization
 from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.labels import labels_from_probabilities, postprocess
+
+log = logging.getLogger("clinbundle.inference")
 
 #: Maps a batch of normalised patches (n, C_in, *roi) to logits (n, num_classes, *roi).
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -53,6 +64,11 @@ def validate_volume(volume: object, contract: InferenceContract) -> np.ndarray:
 def normalize(image: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """Normalise each channel of each volume over its last three (spatial) axes."""
     image = image.float()
+    if norm.kind == "ct":
+        if not norm.complete:
+            raise InputError("normalization 'ct' lacks its training-set numbers (a_min..std)")
+        lo, hi = float(norm.a_min), float(norm.a_max)  # type: ignore[arg-type]
+        return (image.clamp(lo, hi) - float(norm.mean)) / float(norm.std)  # type: ignore[arg-type]
     if norm.kind == "window":
         lo, hi = float(norm.a_min), float(norm.a_max)  # type: ignore[arg-type]
         return (image.clamp(lo, hi) - lo) / (hi - lo)
@@ -102,3 +118,81 @@ def sliding_window_probabilities(
         )
         probs = torch.softmax(logits.float(), dim=1)
     return probs.cpu().numpy()
+
+
+Output = Literal["labels", "probabilities"]
+
+
+def segment(
+    predictor: Predictor,
+    volume: np.ndarray,
+    contract: InferenceContract,
+    affine: np.ndarray | None = None,
+    output: Output = "probabilities",
+    device: str | torch.device = "cpu",
+    sw_batch_size: int | None = None,
+) -> np.ndarray:
+    """Raw float32 (N, C, D, H, W) on its own grid -> labels (N, D, H, W) uint8 or probabilities
+    (N, K, D, H, W) float32 on that same grid.
+
+    `affine` (4x4 voxel -> RAS mm, nibabel's convention; shared by the N volumes) says where the
+    voxels are. Without it the array is taken to be on the contract's grid already (v1
+    behaviour). With it, each volume is reoriented and resampled to the contract's grid, and
+    the answer mapped back class by class, so full-grid float32 probabilities of every class
+    are held only when `output="probabilities"` asks for them.
+    """
+    validate_volume(volume, contract)
+    geo = contract.geometry
+    if affine is None or (geo.spacing is None and geo.orientation is None):
+        if affine is not None:
+            check_spacing_range(geometry.spacing_of(geometry.check_affine(affine)), contract)
+        probs = sliding_window_probabilities(
+            predictor, volume, contract, device=device, sw_batch_size=sw_batch_size
+        )
+        if output == "probabilities":
+            return probs
+        return labels_from_probabilities(probs, contract.postprocessing, axis=1)
+    affine = geometry.check_affine(affine)
+    check_spacing_range(geometry.spacing_of(affine), contract)
+    plan = geometry.plan(volume.shape, affine, geo.spacing, geo.orientation)
+    log.info("geometry: %s", plan.describe())
+    out = [
+        _segment_one(predictor, v, contract, plan, output, device, sw_batch_size) for v in volume
+    ]
+    return np.stack(out)
+
+
+def _segment_one(predictor, volume, contract, plan, output, device, sw_batch_size) -> np.ndarray:
+    """One (C, D, H, W) volume through the plan; see `segment`."""
+    image = plan.to_model(volume)
+    probs = sliding_window_probabilities(
+        predictor, image[None], contract, device=device, sw_batch_size=sw_batch_size
+    )[0]
+    del image
+    if output == "probabilities":
+        return np.stack([plan.channel_to_input(p) for p in probs])
+    best = plan.channel_to_input(probs[0])
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, probs.shape[0]):
+        p = plan.channel_to_input(probs[k])
+        better = p > best
+        labels[better], best[better] = k, p[better]
+    return postprocess(labels, contract.postprocessing)
+
+
+def check_spacing_range(spacing: tuple[float, float, float], contract: InferenceContract) -> None:
+    """A network trained natively on mixed spacings sees inputs inside the range it was trained
+    on; outside it, warn or refuse as the contract says."""
+    rng = contract.geometry.spacing_range
+    if contract.geometry.spacing is not None or rng is None:
+        return
+    lo, hi, s = np.array(rng[0]) * 0.9, np.array(rng[1]) * 1.1, np.array(spacing)
+    if np.all(s >= lo) and np.all(s <= hi):
+        return
+    msg = (
+        f"input spacing {tuple(round(s, 3) for s in spacing)} mm is outside the training "
+        f"spacings {rng[0]}..{rng[1]} mm (the network runs on each input's own grid)"
+    )
+    if contract.geometry.outside_range == "refuse":
+        raise InputError(msg + "; resample the input first")
+    log.warning("%s; results may be worse", msg)

@@ -17,13 +17,14 @@ import torch
 
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import DeviceError
-from clinbundle.runtime.inference import Predictor, sliding_window_probabilities
+from clinbundle.runtime.inference import Output, Predictor, segment
 
 log = logging.getLogger("clinbundle.runtime")
 
-#: Raw float32 volume (N, C, D, H, W) -> probabilities (N, K, D, H, W), or labels (N, D, H, W)
-#: for formats that only return masks (a MAP writing NIfTI / DICOM SEG).
-VolumeRunner = Callable[[np.ndarray], np.ndarray]
+#: Raw float32 volume (N, C, D, H, W) and its affine (None: on the contract's grid) ->
+#: probabilities (N, K, D, H, W) on the input's grid, or labels (N, D, H, W) for formats that
+#: only return masks (a MAP writing NIfTI / DICOM SEG).
+VolumeRunner = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -39,8 +40,10 @@ class Runtime:
 def volume_runner(
     predictor: Predictor, contract: InferenceContract, device: str | torch.device = "cpu"
 ) -> VolumeRunner:
-    def run(volume: np.ndarray) -> np.ndarray:
-        return sliding_window_probabilities(predictor, volume, contract, device=device)
+    def run(
+        volume: np.ndarray, affine: np.ndarray | None = None, output: Output = "probabilities"
+    ) -> np.ndarray:
+        return segment(predictor, volume, contract, affine, output, device=device)
 
     return run
 

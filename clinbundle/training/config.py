@@ -25,6 +25,17 @@ class DataConfig(_Section):
     fold: int = Field(0, ge=0)
     samples_per_volume: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
+    # the grid the network trains on (and every format resamples inputs to): auto | native |
+    # [x, y, z] mm; auto = the common spacing, or the median when spacings differ (nnU-Net)
+    target_spacing: Literal["auto", "native"] | tuple[float, float, float] = "auto"
+    orientation: str | None = "RAS"  # axis codes volumes are reoriented to; null = as stored
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, tuple) and min(v) <= 0:
+            raise ValueError("target_spacing must be positive (mm)")
+        return v
 
 
 class ModelConfig(_Section):

@@ -23,13 +23,17 @@ from monai.transforms import (
     EnsureTyped,
     Lambdad,
     LoadImaged,
+    Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    Spacingd,
 )
 
-from clinbundle.runtime.contract import Normalization
-from clinbundle.runtime.errors import DataError
+from clinbundle.runtime.contract import Geometry, Normalization
+from clinbundle.runtime.errors import DataError, InputError
+from clinbundle.runtime.geometry import SPACING_RTOL, check_affine, plan, spacing_of
 from clinbundle.runtime.inference import normalize
+from clinbundle.training.config import DataConfig
 
 Item = dict[str, str]
 
@@ -42,7 +46,10 @@ class Dataset:
     test: list[Item]
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     spacings: list[tuple[float, ...]] = field(default_factory=list)
+    affines: list[np.ndarray] = field(default_factory=list)
     sha256: str = ""
+    modality: str | None = None
+    label_codes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -112,8 +119,16 @@ def read_dataset(root: Path | str | None) -> Dataset:
                 problems.append(f"{item[key]}: listed in dataset.json but missing")
     if problems:
         raise DataError(problems)
+    modality = meta.get("modality")
+    if isinstance(modality, dict):  # MSD: {"0": "CT"} (one entry per input channel)
+        modality = modality.get("0")
     return Dataset(
-        root=root, labels={str(k): v for k, v in labels.items()}, training=pairs, test=test
+        root=root,
+        labels={str(k): v for k, v in labels.items()},
+        training=pairs,
+        test=test,
+        modality=str(modality) if modality else None,
+        label_codes={str(k): v for k, v in (meta.get("label_codes") or {}).items()},
     )
 
 
@@ -135,7 +150,7 @@ def validate_dataset(ds: Dataset, items: list[Item] | None = None) -> Dataset:
     """
     problems: list[str] = []
     digest = hashlib.sha256()
-    shapes, spacings = [], []
+    shapes, spacings, affines = [], [], []
     for item in items if items is not None else ds.training + ds.test:
         for key in ("image", "label"):
             digest.update(Path(item[key]).name.encode())
@@ -165,18 +180,72 @@ def validate_dataset(ds: Dataset, items: list[Item] | None = None) -> Dataset:
                 f"{Path(item['label']).name}: label values {bad[:5]} outside 0..{ds.num_classes - 1}"
                 f" (dataset.json names {ds.num_classes} classes)"
             )
+        try:
+            affines.append(check_affine(img.affine, name))
+        except InputError as e:
+            problems.append(str(e))
+            continue
         shapes.append(tuple(int(s) for s in img.shape))
-        spacings.append(tuple(float(s) for s in img.header.get_zooms()[:3]))
+        spacings.append(spacing_of(img.affine))
     if problems:
         raise DataError(problems, f"Fix the files above in {ds.root} and run again.")
-    ds.shapes, ds.spacings, ds.sha256 = shapes, spacings, digest.hexdigest()
+    ds.shapes, ds.spacings, ds.affines = shapes, spacings, affines
+    ds.sha256 = digest.hexdigest()
     return ds
 
 
-def check_patch_fits(ds: Dataset, patch: tuple[int, int, int]) -> None:
+def resolve_geometry(ds: Dataset, cfg: DataConfig) -> tuple[Geometry, str, list[tuple]]:
+    """The grid the network trains on, why, and each training volume's shape on it.
+
+    `auto`: the training set's common spacing, or the median per axis when spacings differ
+    (nnU-Net's rule); `native`: each volume's own grid (the spacing range is recorded, so
+    inference can warn or refuse outside it); `[x, y, z]`: that spacing. Spacings are taken
+    after reorientation to `data.orientation`, the axis order the network sees.
+    """
+    n = len(ds.training)
+    grids = [
+        plan(s, a, None, cfg.orientation).oriented
+        for s, a in zip(ds.shapes[:n], ds.affines[:n], strict=True)
+    ]
+    spacings = np.array([g.spacing for g in grids])
+    common = bool(np.allclose(spacings, spacings[0], rtol=SPACING_RTOL))
+    target = cfg.target_spacing
+    if target == "native":
+        spacing, why = None, "native: each volume stays on its own grid"
+        rng = (tuple(spacings.min(0).round(4)), tuple(spacings.max(0).round(4)))
+        geo = Geometry(spacing=None, spacing_range=rng, orientation=cfg.orientation)
+        return geo, why, [g.shape for g in grids]
+    if target == "auto":
+        spacing = tuple(float(x) for x in (spacings[0] if common else np.median(spacings, 0)))
+        why = (
+            f"auto: all {n} training volumes have this spacing"
+            if common
+            else f"auto: median of {n} training spacings ({spacings.min(0)}..{spacings.max(0)} mm)"
+        )
+    else:
+        spacing, why = tuple(float(x) for x in target), "set by the user"
+    geo = Geometry(spacing=spacing, orientation=cfg.orientation)
+    shapes = [plan(g.shape, g.affine, spacing, None).model.shape for g in grids]
+    return geo, why, shapes
+
+
+def off_grid(ds: Dataset, geo: Geometry) -> tuple[bool, bool]:
+    """Whether some training volume needs reorienting, and whether some needs resampling."""
+    n = len(ds.training)
+    grids = [
+        plan(s, a, geo.spacing, geo.orientation)
+        for s, a in zip(ds.shapes[:n], ds.affines[:n], strict=True)
+    ]
+    return any(g.reorients for g in grids), any(g.resamples for g in grids)
+
+
+def check_patch_fits(
+    ds: Dataset, patch: tuple[int, int, int], shapes: list[tuple] | None = None
+) -> None:
+    """Every training volume, on the grid the network trains on, holds one patch."""
     small = [
-        f"{Path(it['image']).name} has shape {s}"
-        for it, s in zip(ds.training, ds.shapes, strict=False)
+        f"{Path(it['image']).name} has shape {s} on the training grid"
+        for it, s in zip(ds.training, shapes or ds.shapes, strict=False)
         if any(p > d for p, d in zip(patch, s, strict=True))
     ]
     if small:
@@ -202,12 +271,28 @@ def kfold_split(items: list[Item], folds: int, fold: int, seed: int) -> dict[str
     return {"train": train, "val": val}
 
 
-def train_transforms(patch: tuple[int, int, int], samples: int, norm: Normalization) -> Compose:
-    """Load, normalise the whole volume (as inference does), then draw random patches."""
+def geometry_transforms(geo: Geometry, reorient: bool, resample: bool) -> list:
+    """MONAI's Orientationd / Spacingd onto the contract's grid (only where some volume needs
+    it, so a set already on the grid trains bit-for-bit as before)."""
+    keys = ["image", "label"]
+    out: list = []
+    if reorient and geo.orientation:
+        out.append(Orientationd(keys=keys, axcodes=geo.orientation))
+    if resample and geo.spacing is not None:
+        out.append(Spacingd(keys=keys, pixdim=geo.spacing, mode=("bilinear", "nearest")))
+    return out
+
+
+def train_transforms(
+    patch: tuple[int, int, int], samples: int, norm: Normalization, to_grid: list | None = None
+) -> Compose:
+    """Load, onto the contract's grid, normalise the whole volume (as inference does), then
+    draw random patches."""
     return Compose(
         [
             LoadImaged(keys=["image", "label"], image_only=True),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
+            *(to_grid or []),
             EnsureTyped(keys=["image", "label"], track_meta=False),
             Lambdad(keys="image", func=partial(normalize, norm=norm)),
             RandCropByPosNegLabeld(
@@ -226,11 +311,31 @@ def train_transforms(patch: tuple[int, int, int], samples: int, norm: Normalizat
 
 
 def val_transforms() -> Compose:
-    """Raw intensities: validation runs the shared inference path, which normalises itself."""
+    """Raw intensities on their own grid, affine kept: validation runs the shared inference
+    path, which resamples and normalises itself and answers on the case's grid."""
     return Compose(
         [
             LoadImaged(keys=["image", "label"], image_only=True),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
-            EnsureTyped(keys=["image", "label"], track_meta=False),
         ]
     )
+
+
+def ct_normalization(ds: Dataset, items: list[Item], seed: int) -> Normalization:
+    """nnU-Net's CT numbers from the training set: foreground intensities (label > 0), up to
+    10,000 sampled per volume, give the 0.5 / 99.5 percentiles and, clipped to them, the mean
+    and std that every runtime then applies."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for item in items:
+        image = np.asarray(nib.load(item["image"]).dataobj, dtype=np.float32)
+        fg = image[np.asarray(nib.load(item["label"]).dataobj) > 0]
+        if fg.size:
+            samples.append(rng.choice(fg, size=min(fg.size, 10_000), replace=False))
+    if not samples:
+        raise DataError("normalization 'ct' needs foreground voxels; every training label is empty")
+    values = np.concatenate(samples)
+    lo, hi = (float(x) for x in np.percentile(values, [0.5, 99.5]))
+    clipped = np.clip(values, lo, hi)
+    std = float(clipped.std()) or 1.0
+    return Normalization(kind="ct", a_min=lo, a_max=hi, mean=float(clipped.mean()), std=std)

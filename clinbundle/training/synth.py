@@ -290,6 +290,23 @@ def synthesize_volume(
 # --------------------------------------------------------------------------- writing
 
 
+def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A whole-CT-sized int16 HU volume made cheaply (soft tissue in a body ellipse, air
+    outside, a few bright tubes, noise): for memory and size tests, not for training."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 < 1
+    plane = np.where(body, 40, -1000).astype(np.int16)
+    volume = np.repeat(plane[:, :, None], shape[2], axis=2)
+    for _ in range(6):
+        cx, cy = rng.uniform(-0.4, 0.4, 2)
+        r = rng.uniform(0.01, 0.03)
+        tube = (x - cx) ** 2 + (y - cy) ** 2 < r**2
+        volume[tube] = 300
+    volume += rng.integers(-20, 20, volume.shape, dtype=np.int16)
+    return volume
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Readers never see half a file: write a sibling temp file, then rename over the target."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -302,9 +319,35 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _nifti_gz_bytes(array: np.ndarray, spacing: tuple[float, float, float]) -> bytes:
+#: (spacing in mm, axis codes) that `mixed_geometry` cycles through, case by case: what a
+#: scanner archive looks like (anisotropic CT, images stored LPS as DICOM converters write them).
+GEOMETRY_VARIANTS: tuple[tuple[tuple[float, float, float], str], ...] = (
+    ((1.0, 1.0, 1.0), "RAS"),
+    ((0.8, 0.8, 1.5), "RAS"),
+    ((1.0, 1.0, 1.0), "LPS"),
+    ((1.25, 1.25, 0.8), "LPS"),
+)
+
+
+def regrid(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, spacing: tuple, axcodes: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same anatomy stored at another spacing and orientation (image bilinear, label
+    nearest), with the affine that says so: what `mixed_geometry` and tests feed the model."""
+    from clinbundle.runtime.geometry import plan, reorient, resample
+
+    grid = plan(image.shape, affine, spacing, None)
+    image = resample(image[None], grid.input, grid.model, "bilinear")
+    label = resample(label[None].astype(np.float32), grid.input, grid.model, "nearest")
+    start = nib.io_orientation(grid.model.affine)
+    ornt = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(tuple(axcodes)))
+    out_affine = grid.model.affine @ nib.orientations.inv_ornt_aff(ornt, grid.model.shape)
+    image, label = reorient(image, ornt)[0], reorient(label, ornt)[0]
+    return image.astype(np.float32), np.rint(label).astype(np.uint8), out_affine
+
+
+def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """Deterministic .nii.gz bytes: explicit header codes and a gzip header without mtime/name."""
-    affine = np.diag([*spacing, 1.0])
     img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(array.dtype)
     img.header.set_xyzt_units("mm")
@@ -350,6 +393,7 @@ def write_dataset(
     seed: int = 0,
     n_test: int = 4,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    mixed_geometry: bool = False,
 ) -> Path:
     """Write an MSD-style synthetic vessel data set into ``out``; return its dataset.json path.
 
@@ -357,6 +401,7 @@ def write_dataset(
     ``imagesTs``/``labelsTs`` (``vessel_t000.nii.gz`` ...) and ``dataset.json``. The same
     arguments give byte-identical files. A previous synthetic output in ``out`` is
     overwritten; any other non-empty folder is refused so user data is never clobbered.
+    With `mixed_geometry`, case i is stored at GEOMETRY_VARIANTS[i % 4] (spacing, orientation).
     """
     n = _check_count("n", n, 2)
     n_test = _check_count("n_test", n_test, 0)
@@ -384,10 +429,14 @@ def write_dataset(
     ):
         for i in range(count):
             image, label = synthesize_volume(dims, _case_rng(seed, split, i))
+            affine = np.diag([*spacing_mm, 1.0])
+            if mixed_geometry:
+                variant = GEOMETRY_VARIANTS[i % len(GEOMETRY_VARIANTS)]
+                image, label, affine = regrid(image, label, affine, *variant)
             name = f"{prefix}{i:03d}.nii.gz"
             for sub, array in ((img_dir, image), (lbl_dir, label)):
                 path = out / sub / name
-                _atomic_write(path, _nifti_gz_bytes(array, spacing_mm))
+                _atomic_write(path, _nifti_gz_bytes(array, affine))
                 keep.add(path)
             entries["training" if split == "train" else "test"].append(
                 {"image": f"./{img_dir}/{name}", "label": f"./{lbl_dir}/{name}"}
@@ -412,6 +461,8 @@ def write_dataset(
         "licence": "CC0",
         "modality": {"0": "CT"},
         "labels": {"0": "background", "1": "vessel"},
+        # SNOMED CT per label: what a DICOM SEG codes its segments with
+        "label_codes": {"1": {"scheme": "SCT", "value": "59820001", "meaning": "Blood vessel"}},
         "numTraining": n,
         "numTest": n_test,
         "training": entries["training"],
@@ -420,6 +471,7 @@ def write_dataset(
             "seed": seed,
             "shape": list(dims),
             "spacing": list(spacing_mm),
+            "mixed_geometry": mixed_geometry,
             "generator_version": GENERATOR_VERSION,
         },
     }

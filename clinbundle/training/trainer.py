@@ -32,9 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.contract import Geometry, InferenceContract, Normalization
 from clinbundle.runtime.errors import ConfigError, DataError, Preempted, ResumeError
-from clinbundle.runtime.inference import sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.geometry import spacing_of
+from clinbundle.runtime.inference import segment, torch_predictor
+from clinbundle.runtime.labels import labels_from_probabilities
 from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 from clinbundle.training import data as D
 from clinbundle.training.callbacks import Callback, CallbackList, TrainState
@@ -44,7 +46,7 @@ from clinbundle.training.checkpoint import (
     restore_rng_states,
     rng_states,
 )
-from clinbundle.training.compute import resolve_compute
+from clinbundle.training.compute import Decision, resolve_compute
 from clinbundle.training.config import Config
 from clinbundle.training.distributed import DistInfo, barrier, dist_info, reduce_step
 from clinbundle.training.losses import build_loss
@@ -54,21 +56,28 @@ log = logging.getLogger("clinbundle.train")
 
 
 def build_contract(
-    cfg: Config, num_classes: int, labels: dict[str, str], roi: tuple
+    cfg: Config,
+    ds: D.Dataset,
+    roi: tuple,
+    geometry: Geometry | None = None,
+    normalization: Normalization | None = None,
 ) -> InferenceContract:
-    spec = network_spec(cfg.model.name, 1, num_classes, cfg.model.filters)
+    spec = network_spec(cfg.model.name, 1, ds.num_classes, cfg.model.filters)
     try:
         return InferenceContract(
             network=spec,
             in_channels=1,
-            num_classes=num_classes,
-            labels=labels,
+            num_classes=ds.num_classes,
+            labels=ds.labels,
             roi_size=roi,
             overlap=cfg.inference.overlap,
             blend_mode=cfg.inference.blend_mode,
             sw_batch_size=cfg.inference.sw_batch_size,
             spatial_divisor=spatial_divisor(spec),
-            normalization=cfg.inference.normalization,
+            normalization=normalization or cfg.inference.normalization,
+            modality=ds.modality,
+            label_codes=ds.label_codes,
+            geometry=geometry or Geometry(),
         )
     except ValueError as e:
         raise ConfigError(f"invalid inference settings: {e}") from None
@@ -81,7 +90,6 @@ def validate_epoch(
     loss_fn: torch.nn.Module,
     device: torch.device,
     amp: bool,
-    spacings: dict[str, tuple[float, ...]],
     pred_dir: Path,
 ) -> tuple[dict[str, float], list[Path]]:
     """Full-volume validation through the same sliding-window path every format uses.
@@ -98,14 +106,18 @@ def validate_epoch(
     rows, files = [], []
     predictor = torch_predictor(model, amp=amp)
     for item in val_ds:
-        image = item["image"].numpy()[None].astype(np.float32)
-        label = item["label"].long()[None]
-        probs = sliding_window_probabilities(predictor, image, contract, device=device)
+        # each case on its own grid, as a clinician would measure it: the inference path
+        # resamples to the contract's grid and maps the probabilities back
+        affine = item["image"].affine.numpy()
+        image = item["image"].as_tensor().numpy()[None].astype(np.float32)
+        label = item["label"].as_tensor().long()[None]
+        probs = segment(predictor, image, contract, affine=affine, device=device)
         p = torch.from_numpy(probs)
         loss = float(loss_fn(torch.log(p.clamp_min(1e-8)), label))
-        hard = probs[0].argmax(0).astype(np.uint8)
+        hard = labels_from_probabilities(probs[0], contract.postprocessing)
         case = item["case"]
-        m = segmentation_metrics(hard, label[0, 0].numpy(), contract.num_classes, spacings[case])
+        spacing = spacing_of(affine)
+        m = segmentation_metrics(hard, label[0, 0].numpy(), contract.num_classes, spacing)
         rows.append({"val_loss": loss, **m})
         out = pred_dir / f"{case}.npz"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,16 +219,26 @@ def train(
             f"train.selection_metric '{cfg.train.selection_metric}' is not one of {list(DIRECTIONS)}"
         )
     divisor = spatial_divisor(spec)
-    comp = resolve_compute(cfg.compute, ds.min_shape, ds.total_voxels, divisor)
+    geo, geo_why, grid_shapes = D.resolve_geometry(ds, cfg.data)
+    min_shape = tuple(int(x) for x in np.min(np.array(grid_shapes), axis=0))
+    comp = resolve_compute(cfg.compute, min_shape, int(sum(map(np.prod, grid_shapes))), divisor)
+    comp.decisions["target_spacing"] = Decision(
+        list(geo.spacing) if geo.spacing else "native", cfg.data.target_spacing == "auto", geo_why
+    )
+    log.info("data.target_spacing = %s (%s)", comp.decisions["target_spacing"].value, geo_why)
     if any(p % divisor for p in comp.patch_size):
         raise ConfigError(
             f"patch size {list(comp.patch_size)} must be a multiple of {divisor} for "
             f"{spec.family} with {len(cfg.model.filters)} levels"
         )
-    D.check_patch_fits(ds, comp.patch_size)
-    roi = comp.patch_size if cfg.inference.roi_size == "auto" else cfg.inference.roi_size
-    contract = build_contract(cfg, ds.num_classes, ds.labels, tuple(roi))
+    D.check_patch_fits(ds, comp.patch_size, grid_shapes)
     split = D.kfold_split(ds.training, cfg.data.folds, cfg.data.fold, cfg.train.seed)
+    norm = cfg.inference.normalization
+    if not norm.complete:
+        norm = D.ct_normalization(ds, split["train"], cfg.train.seed)
+        log.info("normalization ct from the training foreground: %s", norm.model_dump())
+    roi = comp.patch_size if cfg.inference.roi_size == "auto" else cfg.inference.roi_size
+    contract = build_contract(cfg, ds, tuple(roi), geo, norm)
     if resume is not None and resume.get("step") and resume.get("world_size", 1) != info.world_size:
         raise ResumeError(
             f"the run stopped mid-epoch with {resume.get('world_size', 1)} process(es); resume it "
@@ -228,8 +250,9 @@ def train(
     device, amp = comp.device, comp.amp
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    to_grid = D.geometry_transforms(geo, *D.off_grid(ds, geo))
     train_tf = D.train_transforms(
-        comp.patch_size, cfg.data.samples_per_volume, contract.normalization
+        comp.patch_size, cfg.data.samples_per_volume, contract.normalization, to_grid
     )
     train_ds = CacheDataset(split["train"], train_tf, cache_rate=comp.cache_rate, progress=False)
     val_ds = CacheDataset(
@@ -252,7 +275,6 @@ def train(
         num_workers=cfg.data.num_workers,
         generator=generator,
     )
-    spacings = {it["case"]: sp for it, sp in zip(ds.training, ds.spacings, strict=False)}
 
     model = build_network(spec).to(device)
     optimizer = torch.optim.Adam(
@@ -391,7 +413,6 @@ def train(
                         loss_fn,
                         device,
                         amp,
-                        spacings,
                         out_dir / "val_predictions",
                     )
                     metrics |= val

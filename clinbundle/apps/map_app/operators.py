@@ -79,23 +79,27 @@ class BundleSegOperator(Operator):
         spec.input("image")
         spec.output("seg_image").condition(ConditionType.NONE)
 
-    def segment(self, volume_ijk: np.ndarray) -> np.ndarray:
-        """[i, j, k] raw intensities -> [i, j, k] uint8 labels (argmax of the probabilities)."""
-        probs = self.bundle.predict(np.ascontiguousarray(volume_ijk, dtype=np.float32)[None, None])
-        return probs[0].argmax(0).astype(np.uint8)
+    def segment(self, volume_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """[i, j, k] raw intensities and their RAS affine -> [i, j, k] uint8 labels on the same
+        grid (the one inference path resamples to the contract's grid and back)."""
+        volume = np.ascontiguousarray(volume_ijk, dtype=np.float32)[None, None]
+        return self.bundle.predict(volume, affine, output="labels")[0]
 
     def compute(self, op_input, op_output, context) -> None:
         image = op_input.receive("image")
         if isinstance(image, Image):
             kji = image.asnumpy()
             log.info("DICOM volume [slice, row, column] %s -> model sees [i, j, k]", kji.shape)
-            labels = self.segment(np.transpose(kji, (2, 1, 0))).transpose(2, 1, 0)
+            # the SDK's RAS affine of the [i, j, k] array (DICOMSeriesToVolumeOperator)
+            affine = np.asarray(image.metadata()["affine"], dtype=np.float64)
+            labels = self.segment(np.transpose(kji, (2, 1, 0)), affine).transpose(2, 1, 0)
             op_output.emit(np.ascontiguousarray(labels), "seg_image")
         else:
             out = []
             for v in image:
                 log.info("NIfTI %s %s", v.name, v.array.shape)
-                out.append(NiftiVolume(v.name, self.segment(v.array), v.affine, v.header))
+                labels = self.segment(v.array, v.affine)
+                out.append(NiftiVolume(v.name, labels, v.affine, v.header))
             op_output.emit(out, "seg_image")
 
 

@@ -1,0 +1,130 @@
+"""A whole clinical CT through an ONNX bundle: time, achieved GFLOP/s beside the same run's
+sgemm, and the peak RSS of the process, as JSON.
+
+The volume is what a scanner sends (512 x 512 x 300 int16 at 0.7 x 0.7 x 1.5 mm, stored LPS);
+it goes through the bundle exactly as the bento and the MAP run it: the one inference path
+reorients and resamples it to the contract's grid, slides the window, and maps labels back to
+the input grid. It runs in a child process of its own, so its VmHWM is this volume's peak and
+not the parent's.
+
+    python benchmarks/whole_ct.py --bundle bundles/onnx --out benchmarks/whole_ct.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hardware import sgemm_gflops
+
+from clinbundle.training.synth import synthetic_ct
+
+
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(bundle_dir: str, shape, spacing, threads: int, q) -> None:
+    from clinbundle.runtime.bundle_reader import load_bundle
+    from clinbundle.runtime.geometry import plan
+
+    torch.set_num_threads(threads)
+    bundle = load_bundle(Path(bundle_dir), "cpu", threads)
+    c = bundle.contract
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS, as DICOM stores it
+    volume = synthetic_ct(shape)
+    grid = plan(shape, affine, c.geometry.spacing, c.geometry.orientation).model
+    t0 = time.perf_counter()
+    labels = bundle.predict(volume.astype(np.float32)[None, None], affine, "labels")
+    seconds = time.perf_counter() - t0
+    # windows MONAI's sliding window evaluates on the model grid (its scan interval rule)
+    steps = [
+        1 if g <= r else int(np.ceil((g - r) / max(1, int(r * (1 - c.overlap))))) + 1
+        for g, r in zip(grid.shape, c.roi_size, strict=True)
+    ]
+    q.put(
+        {
+            "seconds": seconds,
+            "peak_rss_mib": round(_vm_hwm_mib(), 1),
+            "model_grid": list(grid.shape),
+            "windows": int(np.prod(steps)),
+            "labels_shape": list(labels.shape[1:]),
+            "foreground_voxels": int((labels > 0).sum()),
+            "contract": {
+                "family": c.network.family,
+                "filters": c.network.kwargs.get("filters"),
+                "roi": list(c.roi_size),
+                "spacing": c.geometry.spacing,
+                "orientation": c.geometry.orientation,
+            },
+        }
+    )
+
+
+def flops_per_window(bundle_dir: Path) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clinbundle.runtime.bundle_reader import read_manifest
+    from clinbundle.runtime.contract import InferenceContract
+    from clinbundle.runtime.networks import build_network
+
+    contract = InferenceContract.model_validate(read_manifest(bundle_dir)["contract"])
+    net = build_network(contract.network).eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.zeros(1, 1, *contract.roi_size))
+    return float(fc.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="an ONNX bundle folder")
+    ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
+    ap.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 1.5])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sgemm = sgemm_gflops()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(
+        target=_child,
+        args=(str(args.bundle), tuple(args.shape), tuple(args.spacing), args.threads, q),
+    )
+    p.start()
+    result = q.get(timeout=3600)
+    p.join()
+    gflop = flops_per_window(args.bundle) * result["windows"] / 1e9
+    report = {
+        "benchmark": "whole_ct",
+        "volume": {"shape": args.shape, "dtype": "int16", "spacing_mm": args.spacing},
+        "orientation": "LPS",
+        "threads": args.threads,
+        "sgemm_gflops": round(sgemm, 1),
+        "gflop": round(gflop, 1),
+        "achieved_gflops": round(gflop / result["seconds"], 1),
+        "fraction_of_sgemm": round(gflop / result["seconds"] / sgemm, 3),
+        **result,
+        "target": "peak RSS <= 4096 MiB on a 2-core, 24 GiB machine (issue 13)",
+        "target_met": result["peak_rss_mib"] <= 4096,
+        "machine": {"cpu": platform.processor() or platform.machine()},
+        "versions": {"torch": torch.__version__},
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
