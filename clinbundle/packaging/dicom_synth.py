@@ -70,6 +70,7 @@ class SeriesInfo:
     series_description: str = "synthetic CT"
     series_number: int = 1
     patient_id: str = "SYNTH001"
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")  # LOCALIZER: a scout
 
 
 def write_ct_series(
@@ -135,7 +136,7 @@ def write_ct_series(
         ds.AccessionNumber = ""
         ds.ReferringPhysicianName = ""
         ds.Manufacturer = "clinbundle"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = list(info.image_type)
         ds.PositionReferenceIndicator = ""
         ds.ImageOrientationPatient = [*geometry.row_direction, *geometry.column_direction]
         ds.ImagePositionPatient = position

@@ -111,6 +111,18 @@ def scan_input(folder: Path) -> InputScan:
     return InputScan("dicom", dicom)
 
 
+def _stored_zooms(path: Path, img) -> np.ndarray:
+    """pixdim as stored: nibabel's header check on load silently turns a zero into 1."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        return np.asarray(raw["pixdim"][1:4], float)
+    except Exception:
+        return np.asarray(img.header.get_zooms()[:3], float)
+
+
 def check_nifti(path: Path, folder: Path | None = None) -> None:
     """A NIfTI file must be one 3-D volume with finite intensities and a usable geometry.
 
@@ -127,14 +139,16 @@ def check_nifti(path: Path, folder: Path | None = None) -> None:
         raise MapInputError(f"{name}: expected a 3-D volume, got shape {shape}")
     if min(shape[:3]) < 2:
         raise MapInputError(f"{name}: shape {shape[:3]} is not a volume (a 2-D image?)")
-    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    zooms = _stored_zooms(path, img)
     if not np.isfinite(zooms).all() or (zooms <= 0).any():
-        raise MapInputError(f"{name}: voxel spacing {zooms.tolist()} must be finite and positive")
+        raise MapInputError(
+            f"{name}: voxel spacing {np.round(zooms, 4).tolist()} must be finite and positive"
+        )
     affine = np.asarray(img.affine, float)
     if not np.isfinite(affine).all():
-        raise MapInputError(f"{name}: the affine has non-finite values:\n{affine}")
+        raise MapInputError(f"{name}: the affine has non-finite values: {affine.round(4).tolist()}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise MapInputError(f"{name}: the affine is singular (det 0):\n{affine}")
+        raise MapInputError(f"{name}: the affine is singular (det 0): {affine.round(4).tolist()}")
     try:
         data = np.asarray(img.dataobj)
     except Exception as e:
