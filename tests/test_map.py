@@ -169,12 +169,14 @@ def test_verify_checks_the_whole_context_then_its_onnx_bundle(
 
     copy = tmp_path / "ctx"
     shutil.copytree(map_dir, copy)
-    app = copy / "app" / "clinbundle" / "inference.py"
+    app = copy / "app" / "clinbundle" / "runtime" / "inference.py"
     app.write_text(app.read_text() + "\n# changed\n")
     (copy / "wheels" / "extra.whl").write_bytes(b"not a wheel")
     with pytest.raises(BundleError) as err:
         verify_bundle(copy, device="cpu")
-    assert "app/clinbundle/inference.py" in str(err.value) and "wheels/extra.whl" in str(err.value)
+    assert "app/clinbundle/runtime/inference.py" in str(err.value) and "wheels/extra.whl" in str(
+        err.value
+    )
 
 
 def test_nifti_labels_equal_the_onnx_bundle_offline(
