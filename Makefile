@@ -27,17 +27,26 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile.train Dockerfile.serve
 
 # The reviewer demo's browser test drives Debian's chromium (never a browser downloaded by
-# playwright). Installed here when missing and apt-get exists (CI starts from a bare machine);
-# elsewhere install chromium yourself and point CHROMIUM_PATH at it.
+# playwright); the MAP's DICOM SEG tests validate with dicom3tools' dciodvfy. Both are installed
+# here when missing and apt-get exists (CI starts from a bare machine); elsewhere install them
+# yourself (and point CHROMIUM_PATH at chromium).
 CHROMIUM_PATH ?= /usr/bin/chromium
+SUDO = $$( [ "$$(id -u)" = 0 ] || echo sudo )
 system-deps:
 	@if [ -x "$(CHROMIUM_PATH)" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		echo "installing Debian's chromium for the browser test"; \
-		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends chromium \
-		|| { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update \
-			&& $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends chromium; }; \
+		$(SUDO) apt-get install -y --no-install-recommends chromium \
+		|| { $(SUDO) apt-get update \
+			&& $(SUDO) apt-get install -y --no-install-recommends chromium; }; \
 	else echo "warning: no $(CHROMIUM_PATH) and no apt-get: the browser test will fail; install chromium and set CHROMIUM_PATH"; fi
+	@if command -v dciodvfy >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's dicom3tools (dciodvfy) for the DICOM SEG tests"; \
+		$(SUDO) apt-get install -y --no-install-recommends dicom3tools \
+		|| { $(SUDO) apt-get update \
+			&& $(SUDO) apt-get install -y --no-install-recommends dicom3tools; }; \
+	else echo "warning: no dciodvfy and no apt-get: the DICOM SEG tests will fail; install dicom3tools"; fi
 
 test: lint system-deps
 	$(BIN)/python -m pytest

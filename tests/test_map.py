@@ -20,6 +20,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
+from clinbundle.apps.map_app.selection import series_rules
 from clinbundle.cli import main
 from clinbundle.packaging.dicom_synth import (
     SeriesInfo,
@@ -95,7 +96,9 @@ def test_build_context_follows_the_map_layout(map_dir: Path, packaged) -> None:
     app_yaml = yaml.safe_load((map_dir / "app.yaml").read_text())
     assert app_yaml["application"]["input-formats"] == ["file"]
     assert app_yaml["resources"]["memory"]
-    assert app_yaml["clinbundle"]["series-selection"]["selections"]
+    # the selection rules come from the contract's modality (None here: any image series)
+    rules = app_yaml["clinbundle"]["series-selection"]
+    assert rules == series_rules(packaged.model.contract.modality)
 
     app = json.loads((map_dir / "map" / "app.json").read_text())
     assert json.loads(app["command"]) == ["python3", "/opt/holoscan/app"]
@@ -166,12 +169,14 @@ def test_verify_checks_the_whole_context_then_its_onnx_bundle(
 
     copy = tmp_path / "ctx"
     shutil.copytree(map_dir, copy)
-    app = copy / "app" / "clinbundle" / "inference.py"
+    app = copy / "app" / "clinbundle" / "runtime" / "inference.py"
     app.write_text(app.read_text() + "\n# changed\n")
     (copy / "wheels" / "extra.whl").write_bytes(b"not a wheel")
     with pytest.raises(BundleError) as err:
         verify_bundle(copy, device="cpu")
-    assert "app/clinbundle/inference.py" in str(err.value) and "wheels/extra.whl" in str(err.value)
+    assert "app/clinbundle/runtime/inference.py" in str(err.value) and "wheels/extra.whl" in str(
+        err.value
+    )
 
 
 def test_nifti_labels_equal_the_onnx_bundle_offline(
@@ -210,10 +215,23 @@ def test_dicom_series_gives_a_seg_with_the_source_geometry(
     seg = hd.seg.segread(segs[0])
     model = packaged.model
     assert seg.SegmentSequence[0].SegmentLabel == model.contract.labels["1"]
+    # no label code in this contract: the generic code, never a guess from the label's name
+    assert not model.contract.label_codes
+    type_code = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (type_code.CodingSchemeDesignator, type_code.CodeValue) == ("SCT", "91723000")
+    dciodvfy = shutil.which("dciodvfy")
+    assert dciodvfy, "dciodvfy (Debian's dicom3tools) is missing: run `make system-deps`"
+    check = subprocess.run([dciodvfy, str(segs[0])], capture_output=True, text=True)
+    errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+    assert errors == [], errors
     assert seg.SegmentSequence[0].SegmentAlgorithmName == model.name
-    equipment = seg.ContributingEquipmentSequence[0]
-    assert equipment.ManufacturerModelName == model.name
+    assert (seg.ManufacturerModelName, seg.SoftwareVersions) == (model.name, str(model.version))
+    # highdicom lists the source's acquisition equipment and itself too: find the model's item
+    [equipment] = [
+        e for e in seg.ContributingEquipmentSequence if e.get("ManufacturerModelName") == model.name
+    ]
     assert equipment.SoftwareVersions == str(model.version)
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # Processing
 
     # geometry: one frame per source slice, same positions, orientation, spacing
     sources = [dcmread(f, stop_before_pixels=True) for f in files]
@@ -251,8 +269,9 @@ def test_dicom_series_gives_a_seg_with_the_source_geometry(
     assert labels.sum() > 0
 
 
-def _mr_series(volume: np.ndarray, folder: Path) -> None:
-    write_ct_series(volume, folder, info=SeriesInfo(modality="MR", series_description="T1"))
+def _localizer_only(volume: np.ndarray, folder: Path) -> None:
+    info = SeriesInfo(series_description="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write_ct_series(volume, folder, info=info)
 
 
 BAD_INPUTS = {
@@ -265,14 +284,7 @@ BAD_INPUTS = {
         ),
         "neither DICOM nor NIfTI",
     ),
-    "series_not_selected": (_mr_series, "no DICOM series matches"),
-    "mixed_series": (
-        lambda v, d: (
-            write_ct_series(v, d / "a", info=SeriesInfo(series_number=1)),
-            write_ct_series(v, d / "b", info=SeriesInfo(series_number=2)),
-        ),
-        "2 DICOM series match",
-    ),
+    "series_not_selected": (_localizer_only, "no DICOM series matches"),
     "truncated_dicom": (
         lambda v, d: (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))(
             write_ct_series(v, d)[5]

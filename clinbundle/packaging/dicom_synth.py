@@ -62,11 +62,13 @@ def oblique(degrees: float = 12.0, **kw) -> SeriesGeometry:
     )
 
 
-def quantize_hu(volume: np.ndarray) -> np.ndarray:
-    """The float32 volume a reader gets back from the stored integers (whole HU)."""
-    return np.clip(np.round(volume), RESCALE_INTERCEPT, 65535 + RESCALE_INTERCEPT).astype(
-        np.float32
-    )
+def quantize_hu(
+    volume: np.ndarray, slope: float = 1.0, intercept: float = RESCALE_INTERCEPT
+) -> np.ndarray:
+    """The float32 volume a reader gets back from the stored integers (whole multiples of
+    `slope` above `intercept`, in the uint16 range)."""
+    stored = np.clip(np.round((volume - intercept) / slope), 0, 65535)
+    return (stored * slope + intercept).astype(np.float32)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class SeriesInfo:
     series_description: str = "synthetic CT"
     series_number: int = 1
     patient_id: str = "SYNTH001"
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")  # LOCALIZER: a scout
 
 
 def write_ct_series(
@@ -85,8 +88,15 @@ def write_ct_series(
     geometry: SeriesGeometry | None = None,
     info: SeriesInfo | None = None,
     slices: Sequence[int] | None = None,
+    rescale: tuple[float, float] = (1.0, RESCALE_INTERCEPT),
+    positions: Sequence[Sequence[float]] | None = None,
 ) -> list[Path]:
     """Write `volume` (i, j, k) in HU as one DICOM file per slice; returns the paths by slice.
+
+    Stored values are (HU - intercept) / slope for `rescale` = (RescaleSlope,
+    RescaleIntercept), rounded into uint16 (`quantize_hu` gives what a reader gets back).
+    `slices` writes only those slice indices (e.g. with one left out); `positions` overrides
+    ImagePositionPatient per written slice (e.g. a tilted gantry or uneven spacing).
 
     Files are named in reverse slice order on purpose, so a reader that trusts file order
     instead of ImagePositionPatient gets the volume upside down.
@@ -96,11 +106,16 @@ def write_ct_series(
     geometry = geometry or SeriesGeometry()
     info = info or SeriesInfo()
     folder.mkdir(parents=True, exist_ok=True)
-    stored = (quantize_hu(volume) - RESCALE_INTERCEPT).astype(np.uint16)
+    slope, intercept = rescale
+    stored = np.round((quantize_hu(volume, slope, intercept) - intercept) / slope).astype(np.uint16)
     n = volume.shape[2]
     frame_of_reference = generate_uid()
     paths = []
-    for k in slices if slices is not None else range(n):
+    ks = list(slices) if slices is not None else list(range(n))
+    if positions is not None and len(positions) != len(ks):
+        raise ValueError(f"{len(positions)} positions for {len(ks)} slices")
+    for index, k in enumerate(ks):
+        position = [float(x) for x in positions[index]] if positions else geometry.position(k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -124,21 +139,24 @@ def write_ct_series(
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.StudyID = "1"
+        ds.PatientPosition = "HFS"
+        ds.Laterality = ""
+        ds.AcquisitionNumber = 1
         ds.AccessionNumber = ""
         ds.ReferringPhysicianName = ""
         ds.Manufacturer = "clinbundle"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = list(info.image_type)
         ds.PositionReferenceIndicator = ""
         ds.ImageOrientationPatient = [*geometry.row_direction, *geometry.column_direction]
-        ds.ImagePositionPatient = geometry.position(k)
+        ds.ImagePositionPatient = position
         # PixelSpacing is (between rows, between columns) = (along j, along i)
         ds.PixelSpacing = [geometry.spacing[1], geometry.spacing[0]]
         ds.SliceThickness = geometry.spacing[2]
         ds.SpacingBetweenSlices = geometry.spacing[2]
-        ds.SliceLocation = float(np.dot(geometry.position(k), geometry.normal))
+        ds.SliceLocation = float(np.dot(position, geometry.normal))
         ds.KVP = 120
-        ds.RescaleIntercept = RESCALE_INTERCEPT
-        ds.RescaleSlope = 1.0
+        ds.RescaleIntercept = intercept
+        ds.RescaleSlope = slope
         ds.RescaleType = "HU"
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"

@@ -42,6 +42,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
+from clinbundle.apps.map_app.selection import series_rules
 from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.dicom_synth import SeriesInfo, oblique, quantize_hu, write_ct_series
 from clinbundle.packaging.model_source import ResolvedModel
@@ -118,15 +119,11 @@ def app_config(model: ResolvedModel, title: str) -> dict:
         "clinbundle": {
             "model": model.name,
             "device": "auto",
-            # DICOMSeriesSelectorOperator rules: exactly one series must match per run
-            "series-selection": {
-                "selections": [
-                    {
-                        "name": "CT volume",
-                        "conditions": {"Modality": "(?i)CT", "ImageType": ["PRIMARY"]},
-                    }
-                ]
-            },
+            # DICOMSeriesSelectorOperator rules from the contract's modality; of several
+            # matching series the app takes the one with the most slices (logged), unless
+            # series-strict is true
+            "series-selection": series_rules(model.contract.modality),
+            "series-strict": False,
         },
     }
 

@@ -20,9 +20,14 @@ def main() -> int:
         app.run()
         published = []
         if app.staging is not None:
-            for f in sorted(app.staging.iterdir()):
-                f.replace(app.staging.parent / f.name)
-                published.append(f.name)
+            for f in sorted(p for p in app.staging.rglob("*") if p.is_file()):
+                rel = f.relative_to(app.staging)
+                if rel.as_posix() == ".lock":
+                    continue
+                dest = app.staging.parent / rel  # sub-folders of NIfTI inputs are kept
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                f.replace(dest)
+                published.append(rel.as_posix())
         if not published:
             raise RuntimeError("the application wrote no output")
         logging.getLogger("clinbundle.map_app").info("wrote %s", ", ".join(published))

@@ -1,20 +1,24 @@
 """The MAP application: the champion's ONNX bundle on a DICOM series or NIfTI files.
 
-    DICOM: loader -> series selector (rules: app.yaml) -> series to volume -> ONNX bundle
-           -> DICOM SEG writer (highdicom; segments named by the contract, model name and
-              version in the SegmentDescription algorithm and the Contributing Equipment)
+    DICOM: loader -> series selector (rules from the contract's modality, or app.yaml; one
+           series chosen up front, see selection.py) -> series to volume (float32, rescaled)
+           -> ONNX bundle -> DICOM SEG writer (highdicom; segments coded from the contract,
+              model name and version in the algorithm identification and the equipment)
     NIfTI: NIfTI loader -> ONNX bundle -> NIfTI label writer (same affine)
 
 Which path runs is decided by what the input folder holds; it is checked before the graph runs
-(`inputs.py`), and every writer writes into a hidden staging folder that `__main__` renames
-into the output folder only after the whole graph succeeded.
+(`inputs.py`), and every writer writes into a hidden staging folder (unique per run, `.partial-XXXX`)
+that `__main__` moves into the output folder only after the whole graph succeeded.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +26,44 @@ import yaml
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.dicom_seg_writer_operator import (
-    DICOMSegmentationWriterOperator,
-    SegmentDescription,
-)
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
-from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
-from monai.deploy.operators.dicom_utils import ModelInfo
-from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 import clinbundle
-from clinbundle.apps.map_app.inputs import MapInputError, check_selection, scan_input
+from clinbundle.apps.map_app.inputs import MapInputError, scan_input
 from clinbundle.apps.map_app.operators import (
     BundleSegOperator,
+    DicomSegWriterOperator,
+    HUSeriesToVolumeOperator,
     NiftiLoaderOperator,
     NiftiWriterOperator,
 )
+from clinbundle.apps.map_app.selection import (
+    check_volume_geometry,
+    choose_series,
+    only_series_rules,
+    series_rules,
+)
 from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
+from clinbundle.runtime.contract import CodedConcept
 
 log = logging.getLogger("clinbundle.map_app")
 
-#: Used when no app.yaml is given (HOLOSCAN_CONFIG_PATH unset): any CT series.
+#: Used when no app.yaml is given (HOLOSCAN_CONFIG_PATH unset), and for keys it leaves out.
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": None,  # the one bundle under the model path
     "device": "auto",
-    "series-selection": {
-        "selections": [{"name": "CT volume", "conditions": {"Modality": "(?i)CT"}}]
-    },
+    # DICOMSeriesSelectorOperator rules; None = series_rules(the contract's modality)
+    "series-selection": None,
+    # true: several candidate series are an error instead of a deterministic choice
+    "series-strict": False,
 }
+
+#: SEG coding of a label the contract gives no code for: a generic anatomical structure
+#: (never guessed from the label's text).
+GENERIC_STRUCTURE = CodedConcept(scheme="SCT", value="91723000", meaning="Anatomical Structure")
+#: Segmented property category of every segment (CID 7150).
+STRUCTURE_CATEGORY = CodedConcept(scheme="SCT", value="123037004", meaning="Anatomical Structure")
+STAGING_PREFIX = ".partial-"
 
 
 def app_config() -> dict[str, Any]:
@@ -82,26 +95,73 @@ def find_bundle(model_path: Path, name: str | None) -> Path:
     return found[0]
 
 
-def segment_descriptions(bundle: OnnxBundle) -> list[SegmentDescription]:
-    """One segment per foreground label of the contract; algorithm = the registered model."""
+def _code(concept: CodedConcept):
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning[:64])
+
+
+def segment_descriptions(bundle: OnnxBundle) -> list:
+    """One highdicom segment per foreground label of the contract.
+
+    Property type: the contract's `label_codes[label]` (from dataset.json), else SCT 91723000
+    "Anatomical Structure"; algorithm: the registered model's name and version (manifest).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     model = bundle.manifest["model"]
+    contract = bundle.contract
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=str(model["name"])[:64],
+        family=codes.DCM.ArtificialIntelligence,
+        version=str(model["version"])[:64],
+        source="clinbundle",
+    )
     descriptions = []
-    for value in range(1, bundle.contract.num_classes):
-        label = bundle.contract.labels[str(value)]
-        concept = "".join(w.capitalize() for w in label.replace("_", " ").split())
+    for value in range(1, contract.num_classes):
+        label = contract.labels[str(value)]
+        code = contract.label_codes.get(str(value))
+        if code is None:
+            log.info(
+                "label %d (%s) has no code in the contract: coded as %s",
+                value,
+                label,
+                GENERIC_STRUCTURE.meaning,
+            )
         descriptions.append(
-            SegmentDescription(
+            hd.seg.SegmentDescription(
+                segment_number=value,
                 segment_label=label[:64],
-                segmented_property_category=codes.SCT.AnatomicalStructure,
-                segmented_property_type=getattr(codes.SCT, concept, None)
-                or getattr(codes.SCT, f"Blood{concept}", None)
-                or codes.SCT.AnatomicalStructure,
-                algorithm_name=str(model["name"])[:64],
-                algorithm_family=codes.DCM.ArtificialIntelligence,
-                algorithm_version=str(model["version"])[:64],
+                segmented_property_category=_code(STRUCTURE_CATEGORY),
+                segmented_property_type=_code(code or GENERIC_STRUCTURE),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
             )
         )
     return descriptions
+
+
+def remove_stale_staging(output_path: Path) -> None:
+    """Delete staging folders of earlier runs that were killed (their lock is free)."""
+    for folder in output_path.glob(f"{STAGING_PREFIX}*"):
+        if not folder.is_dir():
+            continue
+        lock = folder / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None  # killed between mkdtemp and taking the lock
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a run in progress holds it
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.warning("removing %s, left by an earlier run that did not finish", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class SegmentationApp(Application):
@@ -114,7 +174,18 @@ class SegmentationApp(Application):
 
     def __init__(self, *args, **kwargs) -> None:
         self.staging: Path | None = None
+        self._lock_fd: int | None = None
         super().__init__(*args, **kwargs)
+
+    def make_staging(self, output_path: Path) -> Path:
+        """A staging folder of this run's own (the app is PID 1 in every container, so no
+        PID names it), locked while the run lives; earlier runs' leftovers are removed."""
+        output_path.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(output_path)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_path))
+        self._lock_fd = os.open(staging / ".lock", os.O_CREAT | os.O_WRONLY, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        return staging
 
     def compose(self) -> None:
         context = Application.init_app_context(self.argv)
@@ -125,14 +196,17 @@ class SegmentationApp(Application):
             find_bundle(Path(context.model_path), config["model"]), config["device"]
         )
         log.info("clinbundle %s from %s", clinbundle.__version__, Path(clinbundle.__file__).parent)
-        output_path.mkdir(parents=True, exist_ok=True)
-        self.staging = output_path / f".partial-{os.getpid()}"
-        self.staging.mkdir()
+
+        self.staging = self.make_staging(output_path)
 
         seg_op = BundleSegOperator(self, bundle=bundle, name="seg_op")
         if scan.kind == "nifti":
             nifti_loader_op = NiftiLoaderOperator(
-                self, CountCondition(self, 1), files=scan.files, name="nifti_loader_op"
+                self,
+                CountCondition(self, 1),
+                files=scan.files,
+                root=input_path,
+                name="nifti_loader_op",
             )
             nifti_writer_op = NiftiWriterOperator(
                 self, output_folder=self.staging, name="nifti_writer_op"
@@ -141,32 +215,42 @@ class SegmentationApp(Application):
             self.add_flow(seg_op, nifti_writer_op, {("seg_image", "seg_image")})
             return
 
-        rules = config["series-selection"]
+        rules = config["series-selection"] or series_rules(bundle.contract.modality)
         study_loader_op = DICOMDataLoaderOperator(
             self, CountCondition(self, 1), input_folder=input_path, name="study_loader_op"
         )
-        series_selector_op = DICOMSeriesSelectorOperator(
-            self, rules=json.dumps(rules), name="series_selector_op"
+        # The SDK's own loader and selector decide up front what the graph will see; the
+        # choice among several matching series is ours (deterministic, logged), and the
+        # graph's selector is then narrowed to exactly that series.
+        studies = study_loader_op.load_data_to_studies(input_path)
+        probe = DICOMSeriesSelectorOperator(self, rules=json.dumps(rules), name="series_probe")
+        choice = choose_series(
+            studies,
+            probe.filter(rules, studies, all_matched=True),
+            rules,
+            strict=bool(config["series-strict"]),
         )
-        series_to_vol_op = DICOMSeriesToVolumeOperator(self, name="series_to_vol_op")
+        for line in choice.log_lines():
+            log.info("%s", line)
+        check_volume_geometry(choice.series)
+
+        selection_name = rules["selections"][0].get("name", "series")
+        series_selector_op = DICOMSeriesSelectorOperator(
+            self,
+            rules=json.dumps(only_series_rules(choice.series.SeriesInstanceUID, selection_name)),
+            name="series_selector_op",
+        )
+        series_to_vol_op = HUSeriesToVolumeOperator(self, name="series_to_vol_op")
         model = bundle.manifest["model"]
-        dicom_seg_writer = DICOMSegmentationWriterOperator(
+        dicom_seg_writer = DicomSegWriterOperator(
             self,
             segment_descriptions=segment_descriptions(bundle),
-            model_info=ModelInfo(
-                creator="clinbundle",
-                name=str(model["name"]),
-                version=str(model["version"]),
-                uid=generate_uid(entropy_srcs=[str(model["run_id"]), str(model["version"])]),
-            ),
-            custom_tags={"SeriesDescription": "AI segmentation, not for clinical use"},
-            omit_empty_frames=False,  # one frame per source slice: geometry stays checkable
+            model_name=str(model["name"]),
+            model_version=str(model["version"]),
+            device_serial_number=str(model.get("run_id") or "0"),
             output_folder=self.staging,
             name="dicom_seg_writer",
         )
-        # The same loader and selector decide up front what the graph will select.
-        studies = study_loader_op.load_data_to_studies(input_path)
-        check_selection(studies, series_selector_op.filter(rules, studies, all_matched=True), rules)
 
         self.add_flow(
             study_loader_op, series_selector_op, {("dicom_study_list", "dicom_study_list")}

@@ -96,61 +96,65 @@ def scan_input(folder: Path) -> InputScan:
             "give one kind per run"
         )
     if nifti:
+        problems = []
         for f in nifti:
-            check_nifti(f)
+            try:
+                check_nifti(f, folder)
+            except MapInputError as e:
+                problems.append(str(e))
+        if problems:
+            raise MapInputError(
+                f"{len(problems)} NIfTI file(s) in {folder} cannot be used:\n  - "
+                + "\n  - ".join(problems)
+            )
         return InputScan("nifti", nifti)
     return InputScan("dicom", dicom)
 
 
-def check_nifti(path: Path) -> None:
+def _stored_zooms(path: Path, img) -> np.ndarray:
+    """pixdim as stored: nibabel's header check on load silently turns a zero into 1."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        return np.asarray(raw["pixdim"][1:4], float)
+    except Exception:
+        return np.asarray(img.header.get_zooms()[:3], float)
+
+
+def check_nifti(path: Path, folder: Path | None = None) -> None:
+    """A NIfTI file must be one 3-D volume with finite intensities and a usable geometry.
+
+    Reads the whole image (NaN voxels are only found that way): an input the model would turn
+    into garbage, or an affine the label file could not be placed with, fails here.
+    """
+    name = str(path.relative_to(folder)) if folder is not None else path.name
     try:
         img = nib.load(str(path))
         shape = img.shape
     except Exception as e:
-        raise MapInputError(f"{path.name}: not a readable NIfTI file ({e})") from None
+        raise MapInputError(f"{name}: not a readable NIfTI file ({e})") from None
     if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
-        raise MapInputError(f"{path.name}: expected a 3-D volume, got shape {shape}")
-
-
-def describe_series(series) -> str:
-    """One line per DICOM series for error messages."""
-    return (
-        f"series {series.SeriesInstanceUID} ({getattr(series, 'Modality', '?')}, "
-        f"'{getattr(series, 'SeriesDescription', '')}', {len(series.get_sop_instances())} "
-        "instances)"
-    )
-
-
-def check_selection(studies: list, selected: list, rules: dict) -> None:
-    """Exactly one series must match the selection rules, and its slices must form a volume."""
-    chosen = [s.series for study in selected for s in study.selected_series]
-    available = [se for st in studies for se in st.get_all_series()]
-    if not chosen:
+        raise MapInputError(f"{name}: expected a 3-D volume, got shape {shape}")
+    if min(shape[:3]) < 2:
+        raise MapInputError(f"{name}: shape {shape[:3]} is not a volume (a 2-D image?)")
+    zooms = _stored_zooms(path, img)
+    if not np.isfinite(zooms).all() or (zooms <= 0).any():
         raise MapInputError(
-            "no DICOM series matches the app's series selection rules "
-            f"({rules}); found: " + "; ".join(describe_series(s) for s in available)
+            f"{name}: voxel spacing {np.round(zooms, 4).tolist()} must be finite and positive"
         )
-    if len(chosen) > 1:
-        raise MapInputError(
-            f"{len(chosen)} DICOM series match the selection rules; the app segments one series "
-            "per run: give it one series (or narrow the rules in app.yaml): "
-            + "; ".join(describe_series(s) for s in chosen)
-        )
-    series = chosen[0]
-    instances = [i.get_native_sop_instance() for i in series.get_sop_instances()]
-    keys = {
-        (
-            int(ds.Rows),
-            int(ds.Columns),
-            tuple(np.round(np.asarray(ds.ImageOrientationPatient, float), 4)),
-        )
-        for ds in instances
-        if "ImageOrientationPatient" in ds
-    }
-    if len(instances) < 2 or len(keys) != 1:
-        raise MapInputError(
-            f"{describe_series(series)} is not one volume: it needs at least 2 slices with the "
-            f"same rows, columns and ImageOrientationPatient (found {sorted(keys)})"
-        )
-    if any("ImagePositionPatient" not in ds for ds in instances):
-        raise MapInputError(f"{describe_series(series)}: slices without ImagePositionPatient")
+    affine = np.asarray(img.affine, float)
+    if not np.isfinite(affine).all():
+        raise MapInputError(f"{name}: the affine has non-finite values: {affine.round(4).tolist()}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise MapInputError(f"{name}: the affine is singular (det 0): {affine.round(4).tolist()}")
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as e:
+        raise MapInputError(f"{name}: the image data cannot be read ({e})") from None
+    if data.dtype.kind not in "biuf":
+        raise MapInputError(f"{name}: image data type {data.dtype} is not a number")
+    bad = int(np.count_nonzero(~np.isfinite(data))) if data.dtype.kind == "f" else 0
+    if bad:
+        raise MapInputError(f"{name}: {bad} voxel(s) are NaN or infinite")

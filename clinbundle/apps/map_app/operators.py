@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.deploy.core import ConditionType, Fragment, Image, Operator, OperatorSpec
+from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 
 from clinbundle.apps.map_app.inputs import nifti_stem
 from clinbundle.runtime.bundle_reader import OnnxBundle
@@ -45,9 +46,18 @@ class NiftiLoaderOperator(Operator):
     Named output: `volumes` (list[NiftiVolume]).
     """
 
-    def __init__(self, fragment: Fragment, *args, files: list[Path], **kwargs) -> None:
+    def __init__(
+        self, fragment: Fragment, *args, files: list[Path], root: Path | None = None, **kwargs
+    ) -> None:
         self.files = list(files)
+        self.root = Path(root) if root is not None else None
         super().__init__(fragment, *args, **kwargs)
+
+    def name_of(self, path: Path) -> str:
+        """The output name: the path under the input folder without its suffix, so that
+        `a/scan.nii.gz` and `b/scan.nii.gz` give `a/scan` and `b/scan` (never one file)."""
+        rel = path.relative_to(self.root) if self.root is not None else Path(path.name)
+        return (rel.parent / nifti_stem(rel)).as_posix()
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("volumes")
@@ -59,7 +69,7 @@ class NiftiLoaderOperator(Operator):
             array = np.asarray(img.dataobj, dtype=np.float32)
             if array.ndim == 4:
                 array = array[..., 0]
-            volumes.append(NiftiVolume(nifti_stem(path), array, img.affine, img.header))
+            volumes.append(NiftiVolume(self.name_of(path), array, img.affine, img.header))
         op_output.emit(volumes, "volumes")
 
 
@@ -104,7 +114,8 @@ class BundleSegOperator(Operator):
 
 
 class NiftiWriterOperator(Operator):
-    """Writes each label volume as `<name>_seg.nii.gz` with the source's affine (qform/sform).
+    """Writes each label volume as `<name>_seg.nii.gz` with the source's affine (qform/sform);
+    a name with sub-folders (`a/scan`) keeps them (`a/scan_seg.nii.gz`).
 
     Named input: `seg_image` (list[NiftiVolume]).
     """
@@ -123,4 +134,143 @@ class NiftiWriterOperator(Operator):
             img.set_qform(v.header.get_qform(), int(v.header["qform_code"]))
             img.set_sform(v.header.get_sform(), int(v.header["sform_code"]))
             img.set_data_dtype(np.uint8)
-            nib.save(img, str(self.output_folder / f"{v.name}_seg.nii.gz"))
+            path = self.output_folder / f"{v.name}_seg.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(img, str(path))
+
+
+class HUSeriesToVolumeOperator(DICOMSeriesToVolumeOperator):
+    """The SDK's series-to-volume operator with every slice rescaled to float32 (HU for CT).
+
+    The SDK applies RescaleSlope/RescaleIntercept (or a Modality LUT) per slice, but sizes the
+    volume's dtype from the first slice alone: a first slice whose values are all positive
+    integers makes the volume uint16, and every later negative HU wraps round (-1000 ->
+    64536); a first slice in whole HU makes it int16 and later fractional values (slope 0.5)
+    are cut off. Here every slice goes through pydicom's modality transform and presentation
+    LUT (as in the SDK) into one float32 volume, which holds any rescaled 16-bit value exactly.
+    Geometry, slice order and metadata stay the SDK's.
+    """
+
+    def generate_voxel_data(self, series) -> np.ndarray:
+        from pydicom.pixels import apply_modality_lut, apply_presentation_lut
+
+        slices = series.get_sop_instances()
+        if not slices:
+            return np.array([], dtype=np.float32)
+        volume = None
+        for n, sop in enumerate(slices):
+            ds = sop.get_native_sop_instance()
+            values = apply_modality_lut(sop.get_pixel_array(), ds)
+            values = apply_presentation_lut(values, ds)
+            if volume is None:
+                volume = np.empty((len(slices), *values.shape), dtype=np.float32)
+            volume[n] = values
+        return volume
+
+
+class DicomSegWriterOperator(Operator):
+    """Writes the labels as one DICOM SEG (highdicom) that references the source series.
+
+    Why not the SDK's DICOMSegmentationWriterOperator (4.0.0): its SEG passes dciodvfy without
+    errors too (checked on pydicom's CT5N series), but with warnings: its Contributing
+    Equipment item, coded with the IHE placeholder (Newcode1, 99IHE), carries a Device UID the
+    SEG IOD does not define, which makes the object a "Standard Extended SOP Class". It also
+    names the SEG's equipment "The MONAI Consortium" / "MONAI Deploy App SDK" (not the model),
+    draws a random SeriesNumber (two runs on one input differ), takes segment codes only as
+    pydicom `Code`s, and relies on the slice order of a series object it shares with another
+    operator. Here the SEG is written with highdicom directly (dciodvfy: no errors, no
+    warnings):
+
+    - segments: one per foreground label, coded from the contract (`segment_descriptions` in
+      app.py), algorithm = the registered model name and version;
+    - equipment: clinbundle / model name / model version, and a Contributing Equipment item
+      (DCM 109102 "Processing Equipment") naming the model;
+    - patient and study identity: highdicom copies them from the source images;
+    - frames: one per source slice and segment (empty frames kept), source datasets sorted
+      along the slice normal, the order in which the SDK stacked the volume.
+
+    Named inputs: `seg_image` (numpy uint8 labels [slice, row, column]) and
+    `study_selected_series_list` (the selector's output: the source series).
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        segment_descriptions: list,
+        model_name: str,
+        model_version: str,
+        device_serial_number: str,
+        output_folder: Path,
+        series_description: str = "AI segmentation, not for clinical use",
+        **kwargs,
+    ) -> None:
+        self.segment_descriptions = list(segment_descriptions)
+        self.model_name = model_name
+        self.model_version = model_version
+        self.device_serial_number = device_serial_number
+        self.output_folder = Path(output_folder)
+        self.series_description = series_description
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("seg_image")
+        spec.input("study_selected_series_list")
+
+    @staticmethod
+    def sorted_sources(datasets: list) -> list:
+        """Source datasets in the volume's slice order: ascending along the slice normal."""
+        iop = np.asarray(datasets[0].ImageOrientationPatient, float)
+        normal = np.cross(iop[:3], iop[3:])
+        return sorted(datasets, key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
+
+    def write(self, labels: np.ndarray, datasets: list) -> Path:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        sources = self.sorted_sources(datasets)
+        if labels.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
+            raise RuntimeError(
+                f"labels {labels.shape} do not match the source series "
+                f"({len(sources)} x {sources[0].Rows} x {sources[0].Columns})"
+            )
+        uid = hd.UID()
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=np.ascontiguousarray(labels, dtype=np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=self.segment_descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=900,
+            sop_instance_uid=uid,
+            instance_number=1,
+            manufacturer="clinbundle",
+            manufacturer_model_name=self.model_name[:64],
+            software_versions=self.model_version[:64],
+            device_serial_number=self.device_serial_number[:64],
+            content_label="AI_SEGMENTATION",
+            content_description=f"{self.model_name} v{self.model_version}"[:64],
+            omit_empty_frames=False,  # one frame per source slice: geometry stays checkable
+            contributing_equipment=[
+                hd.ContributingEquipment(
+                    manufacturer="clinbundle",
+                    purpose_of_reference=codes.DCM.ProcessingEquipment,
+                    manufacturer_model_name=self.model_name[:64],
+                    software_versions=self.model_version[:64],
+                    contribution_description="AI segmentation model",
+                )
+            ],
+        )
+        seg.SeriesDescription = self.series_description[:64]
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        path = self.output_folder / f"{uid}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        return path
+
+    def compute(self, op_input, op_output, context) -> None:
+        labels = op_input.receive("seg_image")
+        selected = op_input.receive("study_selected_series_list")
+        series = selected[0].selected_series[0].series
+        datasets = [i.get_native_sop_instance() for i in series.get_sop_instances()]
+        path = self.write(np.asarray(labels), datasets)
+        log.info("DICOM SEG %s for %s", path.name, series.SeriesInstanceUID)
