@@ -5,6 +5,7 @@ run on the runtime core they carry (the pyfunc's code_paths, a vendored copy bes
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def _run(python: Path, *args: str, cwd: Path) -> str:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["clinbundle"]
 
 
 @pytest.fixture(scope="module")
