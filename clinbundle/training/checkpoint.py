@@ -41,9 +41,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     py, npy = states["python"], states["numpy"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(
-        (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    )
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
