@@ -243,8 +243,13 @@ def _nifti_header(head: bytes):
 
 def _nifti_bytes_needed(header, max_voxels: int, limit_name: str) -> int:
     """Header + data bytes the header declares, its voxels checked against the limit first."""
-    voxels = _check_declared(header.get_data_shape(), "the volume", max_voxels, limit_name)
-    offset = int(header.get_data_offset())
+    try:
+        shape, offset = header.get_data_shape(), int(header.get_data_offset())
+    except Exception as e:  # dims or offset out of range in a crafted header
+        raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
+    if any(int(n) < 0 for n in shape):
+        raise BadRequest(f"corrupt NIfTI file (negative dimension in {shape})")
+    voxels = _check_declared(shape, "the volume", max_voxels, limit_name)
     if not 0 <= offset <= _MAX_NIFTI_OFFSET:
         raise BadRequest(f"corrupt NIfTI file (data offset {offset})")
     return max(offset, header.sizeof_hdr) + voxels * header.get_data_dtype().itemsize
