@@ -230,16 +230,16 @@ took
 step "run the serving image, /segment from the host"
 SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINERS+=(cb-serve-$$)
-# podman cannot time the HEALTHCHECK without systemd (it logs 'unable to get systemd
-# connection', harmless, even with --health-interval=disable): the check is run by hand below
 # off loopback `clinbundle serve` refuses to start without a token (exit 2, before BentoML)
-if podman run --rm "$SERVE_IMAGE" >"$E2E/logs/serve-no-token.log" 2>&1; then
+if podman run --rm --health-interval=disable "$SERVE_IMAGE" >"$E2E/logs/serve-no-token.log" 2>&1; then
     log "the serving image started on 0.0.0.0 without CLINBUNDLE_API_TOKEN"; exit 1
 fi
 grep -q "refusing to serve on 0.0.0.0" "$E2E/logs/serve-no-token.log" \
     || { cat "$E2E/logs/serve-no-token.log" >&2; log "no token: not the expected refusal"; exit 1; }
 log "without CLINBUNDLE_API_TOKEN the serving image refuses to start: $(tail -n1 "$E2E/logs/serve-no-token.log")"
 SERVE_TOKEN=$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
+# podman cannot time the HEALTHCHECK without systemd (it logs 'unable to get systemd
+# connection', harmless, even with --health-interval=disable): the check is run by hand below
 podman run -d --name "cb-serve-$$" --health-interval=disable -p "127.0.0.1:$SPORT:3000" \
     -e "CLINBUNDLE_API_TOKEN=$SERVE_TOKEN" "$SERVE_IMAGE" >/dev/null
 for _ in $(seq 300); do
