@@ -7,6 +7,11 @@ Uploads are recognised by their bytes, never by their name (names are not used a
 gzip -> NIfTI inside, NIfTI-1/2 header, or the .npy magic; .npy is read with allow_pickle=False.
 NIfTI data of any real numeric type is accepted (CT is usually int16) and read as float32 with
 its scaling; /segment_array takes float32 .npy only, as its contract says.
+
+Uploads are sized from their headers before anything is allocated: the .npy header's and the
+NIfTI header's shape are checked against the voxel limit before the data is read, and gzip is
+inflated in slices only as far as the NIfTI header inside says it reaches, so a 200-byte file
+that declares 4000^3 voxels, or a gzip bomb, is a 413 that costs nothing.
 """
 
 from __future__ import annotations
