@@ -542,6 +542,7 @@ def test_schemathesis_finds_no_server_error(server: Server, tmp_path: Path) -> N
         text=True,
         timeout=900,
         env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+        cwd=tmp_path,  # schemathesis keeps a .schemathesis/ cache in its working dir
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     tested = re.search(r"Tested: (\d+)", r.stdout)
