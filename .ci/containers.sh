@@ -4,7 +4,8 @@
 #   train in the container (host network) -> check run, artifacts, registered version ->
 #   SIGTERM / SIGKILL mid-run + `--resume` in a fresh container -> `train --nproc 2` (torchrun) ->
 #   promote + `clinbundle package bento` on the host -> build Dockerfile.serve from the .bento ->
-#   run it -> /segment == the ONNX bundle's labels -> `clinbundle package map` -> build the MAP
+#   it refuses to start without a token -> run it with one -> 401 without it, /segment (with the
+#   token) == the ONNX bundle's labels -> `clinbundle package map` -> build the MAP
 #   image -> run it on a NIfTI folder with no network -> labels == the ONNX bundle's.
 # Exits non-zero when any step fails; exits 0 with the reason when no engine can be set up.
 # Images and build layers are cached in work/containers/ (ignored by git) between runs.
@@ -229,10 +230,18 @@ took
 step "run the serving image, /segment from the host"
 SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINERS+=(cb-serve-$$)
+# off loopback `clinbundle serve` refuses to start without a token (exit 2, before BentoML)
+if podman run --rm --health-interval=disable "$SERVE_IMAGE" >"$E2E/logs/serve-no-token.log" 2>&1; then
+    log "the serving image started on 0.0.0.0 without CLINBUNDLE_API_TOKEN"; exit 1
+fi
+grep -q "refusing to serve on 0.0.0.0" "$E2E/logs/serve-no-token.log" \
+    || { cat "$E2E/logs/serve-no-token.log" >&2; log "no token: not the expected refusal"; exit 1; }
+log "without CLINBUNDLE_API_TOKEN the serving image refuses to start: $(tail -n1 "$E2E/logs/serve-no-token.log")"
+SERVE_TOKEN=$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
 # podman cannot time the HEALTHCHECK without systemd (it logs 'unable to get systemd
 # connection', harmless, even with --health-interval=disable): the check is run by hand below
 podman run -d --name "cb-serve-$$" --health-interval=disable -p "127.0.0.1:$SPORT:3000" \
-    "$SERVE_IMAGE" >/dev/null
+    -e "CLINBUNDLE_API_TOKEN=$SERVE_TOKEN" "$SERVE_IMAGE" >/dev/null
 for _ in $(seq 300); do
     curl -fsS "http://127.0.0.1:$SPORT/readyz" >/dev/null 2>&1 && break
     [ "$(podman inspect -f '{{.State.Running}}' "cb-serve-$$")" = true ] || { log "the serving container exited"; exit 1; }
@@ -243,7 +252,8 @@ log "serving container ready on 127.0.0.1:$SPORT (-p $SPORT:3000) after $((SECON
 podman healthcheck run "cb-serve-$$" >/dev/null || { log "the image's HEALTHCHECK failed"; exit 1; }
 log "the image's HEALTHCHECK (/readyz inside the container) passes"
 VOLUME=$(find "$E2E/data/imagesTs" -name '*.nii.gz' | sort | head -n1)
-"$BIN/python" .ci/containers_check.py segment "http://127.0.0.1:$SPORT" "$BUNDLE" "$VOLUME" >&2
+CLINBUNDLE_API_TOKEN=$SERVE_TOKEN "$BIN/python" .ci/containers_check.py segment \
+    "http://127.0.0.1:$SPORT" "$BUNDLE" "$VOLUME" >&2
 took
 
 podman rm -f -t 10 "cb-serve-$$" >/dev/null

@@ -5,11 +5,13 @@ containers_check.py wait-checkpoint URL RUN_ID TIMEOUT     until checkpoints/las
 containers_check.py interrupted URL RUN_ID                 SIGTERM ended the run KILLED, `last` kept
 containers_check.py finished URL MODEL RUN_ID EPOCHS WORLD the run ended FINISHED, nothing lost
 containers_check.py segment SERVICE_URL BUNDLE VOLUME      /segment == the ONNX bundle, exactly
+    (with CLINBUNDLE_API_TOKEN set: 401 without it, the requests send it)
 containers_check.py map OUT_DIR BUNDLE VOLUME              the MAP's NIfTI == the ONNX bundle, exactly
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,8 +132,14 @@ def finished(url: str, model: str, run_id: str, epochs: str, world_size: str = "
 
 
 def segment(service: str, bundle: str, volume: str) -> int:
-    with open(volume, "rb") as f:
-        r = requests.post(f"{service}/segment", files={"file": (Path(volume).name, f)}, timeout=300)
+    token = os.environ.get("CLINBUNDLE_API_TOKEN")
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    upload = {"file": ("volume.nii.gz", Path(volume).read_bytes())}
+    if token:  # the token the container was started with is really required
+        r = requests.post(f"{service}/segment", files=upload, timeout=300)
+        if r.status_code != 401:
+            return fail(f"/segment without the token answered {r.status_code}, not 401")
+    r = requests.post(f"{service}/segment", files=upload, headers=auth, timeout=300)
     if r.status_code != 200:
         return fail(f"/segment answered {r.status_code}: {r.text[:500]}")
     out = Path(volume).with_name("served-labels.nii.gz")
@@ -146,7 +154,7 @@ def segment(service: str, bundle: str, volume: str) -> int:
     differ = int((got != expected).sum())
     if differ:
         return fail(f"{differ} of {got.size} labels differ from the ONNX bundle's")
-    meta = requests.get(f"{service}/metadata", timeout=30).json()
+    meta = requests.get(f"{service}/metadata", headers=auth, timeout=30).json()
     print(
         f"/segment on {Path(volume).name} {image.shape}: all {got.size} labels equal the ONNX "
         f"bundle's ({int(got.sum())} foreground); service metadata: {meta.get('model', meta)!s:.200}"

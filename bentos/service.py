@@ -7,7 +7,8 @@ model loads in a background thread: /readyz is 503 until it is loaded and warmed
 Environment: CLINBUNDLE_BENTO_MODEL (model tag, default clinbundle-onnx:latest),
 CLINBUNDLE_DEVICE (auto|cpu|cuda), CLINBUNDLE_API_TOKEN (bearer token; auth off when unset),
 CLINBUNDLE_MAX_VOXELS, CLINBUNDLE_MAX_REQUEST_BYTES, CLINBUNDLE_MAX_CONCURRENCY (requests in
-flight; more get 429), CLINBUNDLE_WARMUP_RUNS.
+flight; more get 429), CLINBUNDLE_BODY_TIMEOUT_S (a stalled upload gets 408),
+CLINBUNDLE_WARMUP_RUNS.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class Segmentation:
             return fn(self.bundle, *args)
         except http_io.BadRequest as e:
             raise ClientError(e) from None
+        except MemoryError:  # whatever allocation failed, the upload was too large for here
+            raise ClientError(
+                http_io.TooLarge("the volume does not fit in this server's memory")
+            ) from None
 
     @bentoml.api(route="/segment")
     def segment(self, file: Path, probabilities: bool = False, ctx: bentoml.Context = None) -> Path:
@@ -100,5 +105,7 @@ class Segmentation:
 
 
 Segmentation.add_asgi_middleware(
-    http_io.RequestGuard, token=os.environ.get("CLINBUNDLE_API_TOKEN") or None
+    http_io.RequestGuard,
+    token=os.environ.get("CLINBUNDLE_API_TOKEN") or None,
+    upload_fields={"/segment": "file", "/segment_array": "array"},
 )

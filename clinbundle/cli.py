@@ -6,6 +6,7 @@ User errors (`ClinbundleError`) print one message and exit non-zero without a tr
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -203,9 +204,41 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # any other host name may resolve to a public address
+        return False
+
+
+def check_serve_auth(host: str, token: str | None, insecure_no_auth: bool) -> None:
+    """Off loopback, the service answers only with a bearer token, unless the user opts out.
+
+    An open /segment on a network address lets anyone run the model on any data and read its
+    provenance; that must be a decision (--insecure-no-auth), warned about at every start.
+    """
+    if token or _is_loopback(host):
+        return
+    if insecure_no_auth:
+        logging.getLogger("clinbundle.serve").warning(
+            "serving on %s with NO authentication (--insecure-no-auth): anyone who can reach "
+            "this port can segment data and read /metadata; set CLINBUNDLE_API_TOKEN instead",
+            host,
+        )
+        return
+    raise ClinbundleError(
+        f"refusing to serve on {host}, which is not a loopback address, without "
+        "authentication: set CLINBUNDLE_API_TOKEN (clients then send 'Authorization: Bearer "
+        "<token>'), or pass --insecure-no-auth if something in front of it authenticates"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from clinbundle.packaging.bento import ensure_imported, serve_command
 
+    check_serve_auth(args.host, os.environ.get("CLINBUNDLE_API_TOKEN"), args.insecure_no_auth)
     tag = ensure_imported(Path(args.bento))
     cmd = serve_command(tag, args.host, args.port)
     print(
@@ -263,6 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.device,
         args.port,
         samples,
+        token=args.token,
     )
     return 0
 
@@ -376,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("bento", help="the .bento archive, or the folder `package bento` wrote")
     sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container")
     sv.add_argument("--port", type=int, default=3000)
+    sv.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve off loopback without CLINBUNDLE_API_TOKEN (a warning at every start)",
+    )
     common(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -404,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--name", default="vessel-seg", help="registered model name for short forms")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--port", type=int, default=7860)
+    d.add_argument(
+        "--token",
+        help="bearer token for --endpoint (default: CLINBUNDLE_API_TOKEN; the variable keeps "
+        "it out of the process list)",
+    )
     d.add_argument("--samples", help="MSD folder whose held-out pairs are the samples")
     common(d)
     d.set_defaults(func=cmd_demo)

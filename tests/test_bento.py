@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from test_http_io import gzip_bomb, nifti_header_bomb, npy_header_bomb
 
 from clinbundle.packaging.bento import free_port
 from clinbundle.packaging.runtimes import torch_runtime
@@ -32,6 +33,7 @@ TOKEN = "s3cret-test-token"
 MAX_VOXELS = 300_000  # a 70^3 volume is over it; the test volumes are under
 MAX_BYTES = 8 * 1024**2
 MAX_CONCURRENCY = 2  # a burst of 6 must overflow it
+BODY_TIMEOUT_S = 0.4  # a body that stalls this long gets a 408
 
 
 @dataclass
@@ -59,6 +61,7 @@ def server(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
         "CLINBUNDLE_MAX_REQUEST_BYTES": str(MAX_BYTES),
         "CLINBUNDLE_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "CLINBUNDLE_WARMUP_RUNS": "25",  # a loading window long enough to observe
+        "CLINBUNDLE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
     }
     proc = subprocess.Popen(
         [
@@ -312,3 +315,204 @@ def test_the_service_runs_with_no_network(bento_archive: Path, tmp_path: Path) -
     assert "STATUS 200" in r.stdout, (
         r.stdout + r.stderr + (tmp_path / "server.log").read_text()[-3000:]
     )
+
+
+# --- hostile requests: each a 4xx in well under a second, and the server keeps serving --------
+
+BOUNDARY = "cbtestboundary"
+
+
+def _multipart(field: str, payload: bytes, filename: str | None = "v.npy") -> bytes:
+    disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
+    return (
+        (
+            f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def _raw(url: str, route: str, body: bytes, length: int, content_type: str) -> tuple[int, bytes]:
+    """Exactly these bytes on a socket, with this Content-Length (true or not): (status, body)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    # what follows the answer (the rest of a body longer than its Content-Length, which the
+    # server then reads as a next request and refuses) is not part of it
+    return status, data.split(b"\r\n\r\n", 1)[1][: _length(data)]
+
+
+def _length(response: bytes) -> int:
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 1 << 30
+
+
+def _timed_post(route: str, payload, field: str | None = None):
+    """A request maker: payload (bytes, or a function making them) sent as multipart field."""
+    field = field or ("array" if route == "/segment_array" else "file")
+
+    def call(url: str) -> tuple[int, str, float]:
+        body = payload() if callable(payload) else payload
+        t0 = time.perf_counter()
+        r = httpx.post(
+            url + route,
+            files={field: ("upload.bin", body)},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        return r.status_code, r.text, time.perf_counter() - t0
+
+    return call
+
+
+def _timed_raw(body: bytes, length: int | None = None, content_type: str | None = None):
+    """A request maker: raw bytes on a socket, with a Content-Length that may lie."""
+    content_type = content_type or f"multipart/form-data; boundary={BOUNDARY}"
+
+    def call(url: str) -> tuple[int, str, float]:
+        t0 = time.perf_counter()
+        n = len(body) if length is None else length
+        status, text = _raw(url, "/segment", body, n, content_type)
+        return status, text.decode(), time.perf_counter() - t0
+
+    return call
+
+
+def _hostile() -> list:
+    """(name, request maker, expected status, regex the error must match)."""
+    small_header = nifti_header_bomb((24, 24, 24))[:352]  # a valid header: 24^3 float32
+    good = _multipart("file", _npy(np.zeros((8, 8, 8), np.float32)))
+    end = f"--{BOUNDARY}--\r\n".encode()
+    return [
+        ("npy header bomb", _timed_post("/segment", npy_header_bomb()), 413, "declares"),
+        ("npy bomb array", _timed_post("/segment_array", npy_header_bomb()), 413, "declares"),
+        ("nifti header bomb", _timed_post("/segment", nifti_header_bomb()), 413, "declares"),
+        ("nifti-2 bomb", _timed_post("/segment", nifti_header_bomb(version=2)), 413, "declares"),
+        (
+            "gzipped nifti header bomb",
+            _timed_post("/segment", gzip.compress(nifti_header_bomb())),
+            413,
+            "declares",
+        ),
+        (
+            "gzip bomb",
+            _timed_post("/segment", lambda: gzip_bomb(small_header, 300 * 1024**2)),
+            413,
+            "unpacks to more than",
+        ),
+        (
+            "gzip of zeros",
+            _timed_post("/segment", lambda: gzip_bomb(b"", 300 * 1024**2)),
+            400,
+            "not a NIfTI",
+        ),
+        ("Content-Length short", _timed_raw(good, len(good) - 40), 400, "closing boundary"),
+        ("Content-Length long", _timed_raw(good, len(good) + 40), 408, "Content-Length"),
+        ("no boundary", _timed_raw(good, None, "multipart/form-data"), 400, "boundary"),
+        ("not multipart", _timed_raw(b"{}", None, "application/json"), 400, "multipart"),
+        ("no parts", _timed_raw(end), 400, "no parts"),
+        ("empty body", _timed_raw(b""), 400, "closing boundary"),
+        ("garbage body", _timed_raw(b"x" * 500), 400, "closing boundary|malformed"),
+        ("wrong field", _timed_post("/segment", b"\x00\xff" * 50, "volume"), 400, "field 'file'"),
+        (
+            "wrong field array",
+            _timed_post("/segment_array", b"\x93NUMPY", "file"),
+            400,
+            "field 'array'",
+        ),
+        (
+            "a string, not a file (BentoML would fetch it as a URL)",
+            _timed_raw(_multipart("file", b"http://127.0.0.1:1/x", None)),
+            400,
+            "no file upload",
+        ),
+    ]
+
+
+HOSTILE = _hostile()
+
+
+@pytest.mark.parametrize(("name", "call", "status", "needle"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_request_is_a_fast_4xx_and_the_server_keeps_serving(
+    server: Server, name: str, call, status: int, needle: str
+) -> None:
+    import re
+
+    got, text, took = call(server.url)
+    assert got == status, (name, got, text[:500])
+    assert re.search(needle, json.loads(text)["error"]), (name, text[:500])
+    assert took < 1.0, (name, took)
+    good = _post(server.url, "/segment", _npy(_volume((24, 24, 24), seed=11)))
+    assert good.status_code == 200, (name, good.text[:500])
+
+
+FUZZ_VENV = Path(__file__).resolve().parents[1] / ".venv-fuzz"  # ignored by git
+
+
+def _schemathesis() -> Path:
+    """schemathesis in a venv of its own (its pins must not move the project's), made once."""
+    st = FUZZ_VENV / "bin" / "st"
+    if not st.exists():
+        subprocess.run(["python3", "-m", "venv", str(FUZZ_VENV)], check=True, timeout=300)
+        subprocess.run(
+            [str(FUZZ_VENV / "bin" / "pip"), "install", "-q", "schemathesis>=4,<5"],
+            check=True,
+            timeout=1200,
+        )
+    return st
+
+
+def test_schemathesis_finds_no_server_error(server: Server, tmp_path: Path) -> None:
+    """Inputs generated from the service's own OpenAPI schema: any 5xx fails."""
+    import re
+
+    st = _schemathesis()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    schema = tmp_path / "openapi.json"
+    schema.write_bytes(httpx.get(server.url + "/docs.json", headers=auth, timeout=30).content)
+    r = subprocess.run(
+        [
+            str(st),
+            "run",
+            str(schema),
+            "--url",
+            server.url,
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "20",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "120",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+        cwd=tmp_path,  # schemathesis keeps a .schemathesis/ cache in its working dir
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    tested = re.search(r"Tested: (\d+)", r.stdout)
+    assert tested and int(tested[1]) >= 2 and " generated" in r.stdout, r.stdout[-3000:]
+    assert _post(server.url, "/segment", _npy(_volume((24, 24, 24), seed=12))).status_code == 200

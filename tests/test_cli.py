@@ -127,3 +127,39 @@ def test_synth_bad_arguments_and_file_as_data_folder(tmp_path: Path) -> None:
     r = run(["train", "--data", "notes.txt", "--workdir", str(tmp_path / "w")], tmp_path)
     assert r.returncode == 2 and "is a file" in r.stderr, r.stderr
     assert not (tmp_path / "w" / "mlflow.db").exists()  # nothing written before the data check
+
+
+def test_serve_off_loopback_without_a_token_exits_2_before_starting(tmp_path: Path) -> None:
+    """The check comes first: the bento need not exist, no server (nor BentoML) is started."""
+    env = {k: v for k, v in clean_env().items() if k != "CLINBUNDLE_API_TOKEN"}
+    r = subprocess.run(
+        [*CLI, "serve", str(tmp_path / "none.bento"), "--host", "0.0.0.0", "--port", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "refusing to serve on 0.0.0.0" in r.stderr and "CLINBUNDLE_API_TOKEN" in r.stderr
+    assert "--insecure-no-auth" in r.stderr and "Traceback" not in r.stderr
+    assert "serving" not in r.stdout
+
+
+def test_serve_auth_decision(caplog) -> None:
+    from clinbundle.cli import check_serve_auth
+    from clinbundle.runtime.errors import ClinbundleError
+
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        check_serve_auth(host, None, insecure_no_auth=False)
+    for host in ("0.0.0.0", "::", "10.0.0.5", "example.org"):
+        check_serve_auth(host, "a-token", insecure_no_auth=False)
+        with pytest.raises(ClinbundleError, match="refusing to serve"):
+            check_serve_auth(host, None, insecure_no_auth=False)
+        with pytest.raises(ClinbundleError):
+            check_serve_auth(host, "", insecure_no_auth=False)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="clinbundle.serve"):
+        check_serve_auth("0.0.0.0", None, insecure_no_auth=True)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "NO authentication" in record.getMessage()

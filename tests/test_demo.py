@@ -192,6 +192,38 @@ def test_flags_are_stored_on_the_model_version(reviewer: ReviewerDemo, tracking)
     assert review["case"]["sha256"] == case.sha256 and review["model"]["run_id"] == tracking.run_id
 
 
+def test_an_upload_is_named_by_its_hash_never_its_file_name(
+    reviewer: ReviewerDemo, tracking, tmp_path: Path, caplog
+) -> None:
+    """A file name is often patient data: it must reach no log, output file, tag or review."""
+    image, _label = next(iter(reviewer.samples.values()))
+    upload = tmp_path / "DOE_JANE_MRN0042.nii.gz"
+    upload.write_bytes(Path(image).read_bytes())
+    with caplog.at_level("DEBUG"):
+        case = reviewer.load_upload(upload)
+        assert case.name == f"upload-{case.sha256[:12]}"
+        case, out = reviewer.segment(case, "ONNX bundle")
+        where = reviewer.flag(case, VERDICTS[0], "looks right", "dr test")
+    client = MlflowClient()
+    tags = client.get_model_version(tracking.name, tracking.version).tags
+    artifact = json.loads(tags["review_latest"])["artifact"].split(f"runs:/{tracking.run_id}/")[1]
+    review = Path(client.download_artifacts(tracking.run_id, artifact, str(tmp_path))).read_text()
+    assert json.loads(review)["case"]["name"] == case.name
+    for text in (out.name, json.dumps(tags), review, where, caplog.text):
+        assert "DOE" not in text and "MRN0042" not in text, text[:500]
+    bad = tmp_path / "SMITH_JOHN.nii.gz"
+    bad.write_bytes(b"not a volume")
+    with pytest.raises(InputError, match="the upload") as info:
+        reviewer.load_upload(bad)
+    assert "SMITH" not in str(info.value)
+
+
+def test_endpoint_client_sends_the_token() -> None:
+    assert "authorization" not in EndpointClient("http://127.0.0.1:1")._http.headers
+    client = EndpointClient("http://127.0.0.1:1", token="t0k")
+    assert client._http.headers["authorization"] == "Bearer t0k"
+
+
 def test_endpoint_runtime_against_a_real_http_service(packaged, tmp_path: Path) -> None:
     """The client side of the bento contract (POST /segment multipart NIfTI -> NIfTI labels,
     GET /metadata), against a small FastAPI service that runs the real ONNX bundle. It checks

@@ -60,7 +60,7 @@ def _resume(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProces
 
 def _last(client: MlflowClient, run_id: str, tmp: Path) -> dict:
     path = client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp))
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -261,3 +261,37 @@ def test_checkpoint_policy_epochs_and_minutes() -> None:
 def test_nproc_is_stripped_before_torchrun() -> None:
     argv = ["train", "--nproc", "2", "--data", "d", "--nproc=3", "--set", "a=1"]
     assert _strip_nproc(argv) == ["train", "--data", "d", "--set", "a=1"]
+
+
+class _Planted:
+    """Unpickling this runs code: it writes `marker`. A checkpoint holding it must be refused."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_unpickled(
+    resume_store, tmp_path: Path
+) -> None:
+    workdir, client, exp, run_id = resume_store
+    marker = tmp_path / "MARKER"
+    planted = tmp_path / "plant" / "last.pt"
+    planted.parent.mkdir()
+    torch.save({"epoch": 1, "model": {}, "config": _Planted(marker)}, planted)
+    torch.load(planted, weights_only=False)  # the control: a full unpickle does run it
+    assert marker.exists()
+    marker.unlink()
+    client.log_artifact(run_id, str(planted), "checkpoints")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    r = _resume(
+        ["--resume", run_id, "--workdir", str(workdir), "--set", "tracking.experiment=errs"],
+        workdir,
+        env | {"MLFLOW_ENV_ROOT": str(workdir / "envs")},
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "checkpoints/last.pt holds more than tensors and plain data" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not marker.exists()
+    assert len(client.search_runs([exp])) == 1

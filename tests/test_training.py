@@ -50,7 +50,7 @@ def test_every_artifact_is_in_mlflow(tracking) -> None:
     assert npz["probabilities"].shape[0] == 2
 
     last = torch.load(
-        client.download_artifacts(tracking.run_id, "checkpoints/last.pt"), weights_only=False
+        client.download_artifacts(tracking.run_id, "checkpoints/last.pt"), weights_only=True
     )
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "config"} <= set(last)
     assert last["epoch"] == 8 and {"python", "numpy", "torch"} <= set(last["rng"])

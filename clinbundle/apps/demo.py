@@ -70,7 +70,9 @@ class Case:
         self.window = display_window(self.image)
 
 
-def read_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+def read_volume(
+    path: Path, what: str = "volume", shown: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A 3-D float32 array and its affine from a NIfTI or .npy file; InputError names the file.
 
     The service's reader (`http_io.read_volume`: by the bytes, bounded gunzip, no pickles, 3-D
@@ -81,7 +83,7 @@ def read_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarra
     try:
         array, affine = http_io.read_volume(path, MAX_VOXELS, "what this demo runs")
     except http_io.BadRequest as e:
-        raise InputError(f"{path.name} ({what}): {e}") from None
+        raise InputError(f"{shown or path.name} ({what}): {e}") from None
     return array[0, 0], None if affine is None else np.asarray(affine, dtype=float)
 
 
@@ -91,7 +93,7 @@ def _sha256(array: np.ndarray) -> str:
 
 def load_case(image_path: Path, label_path: Path | None = None, name: str | None = None) -> Case:
     """Read an image (and its ground truth) into a Case; shapes must agree."""
-    image, affine = read_volume(image_path)
+    image, affine = read_volume(image_path, shown=name)
     truth = None
     if label_path is not None:
         truth, _ = read_volume(label_path, "label volume")
@@ -279,11 +281,12 @@ class EndpointClient:
     """The bento service's HTTP API: `GET /metadata`, `POST /segment` (multipart NIfTI in,
     NIfTI label volume out). Plain HTTP, so the demo needs no BentoML installed."""
 
-    def __init__(self, url: str, timeout: float = 300.0) -> None:
+    def __init__(self, url: str, timeout: float = 300.0, token: str | None = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(timeout=timeout, headers=headers)
         self._errors = (httpx.HTTPError,)
 
     def _call(self, method: str, path: str, **kwargs: Any):
@@ -319,9 +322,13 @@ class EndpointClient:
         return labels.astype(np.uint8)
 
 
-def endpoint_runtime(url: str) -> DemoRuntime:
-    """A running bento service; its /metadata supplies the model card, as far as it says."""
-    client = EndpointClient(url)
+def endpoint_runtime(url: str, token: str | None = None) -> DemoRuntime:
+    """A running bento service; its /metadata supplies the model card, as far as it says.
+
+    The bearer token (`token`, else CLINBUNDLE_API_TOKEN) is sent with every request: a service
+    off loopback requires one.
+    """
+    client = EndpointClient(url, token=token or os.environ.get("CLINBUNDLE_API_TOKEN") or None)
     meta = client.metadata()
     m = meta.get("model", meta) if isinstance(meta.get("model", meta), dict) else {}
     prov = meta.get("provenance", {}) if isinstance(meta.get("provenance"), dict) else {}
@@ -422,10 +429,12 @@ class ReviewerDemo:
         image, label = self.samples[name]
         return load_case(image, label, name=name)
 
-    def load_upload(self, path: Path, original_name: str | None = None) -> Case:
-        case = load_case(Path(path))
-        if original_name:
-            case.name = original_name
+    def load_upload(self, path: Path) -> Case:
+        """An upload is named by its content hash, never its file name: a file name is often a
+        patient's name or accession number, and the case name reaches logs, output files and,
+        with a review, the model registry."""
+        case = load_case(Path(path), name="the upload")
+        case.name = f"upload-{case.sha256[:12]}"
         return case
 
     def segment(self, case: Case, runtime_key: str) -> tuple[Case, Path]:
@@ -720,6 +729,7 @@ def build_runtimes(
     endpoint: str | None,
     name: str,
     device: str,
+    token: str | None = None,
 ) -> list[DemoRuntime]:
     """The runtimes asked for; with none asked for, the registry's champion in PyTorch."""
     from clinbundle.packaging.model_source import resolve_model
@@ -733,7 +743,7 @@ def build_runtimes(
     if bundle:
         runtimes.append(onnx_bundle_runtime(bundle, device))
     if endpoint:
-        runtimes.append(endpoint_runtime(endpoint))
+        runtimes.append(endpoint_runtime(endpoint, token))
     log.info("demo runtimes: %s", ", ".join(f"{r.key} [{r.description}]" for r in runtimes))
     return runtimes
 
@@ -748,6 +758,7 @@ def run_demo(
     port: int = 7860,
     samples: Path | None = None,
     block: bool = True,
+    token: str | None = None,
 ):
     """Start the page on 127.0.0.1:PORT (loopback only: patient-like data stays local)."""
     from clinbundle.tracking import configure_tracking
@@ -755,7 +766,7 @@ def run_demo(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "cache" / "gradio"))
     configure_tracking(workdir)
-    runtimes = build_runtimes(workdir, model, bundle, endpoint, name, device)
+    runtimes = build_runtimes(workdir, model, bundle, endpoint, name, device, token)
     demo = ReviewerDemo(runtimes, ensure_samples(workdir, samples), workdir / "demo" / "outputs")
     app = build_app(demo)
     try:

@@ -7,16 +7,23 @@ Uploads are recognised by their bytes, never by their name (names are not used a
 gzip -> NIfTI inside, NIfTI-1/2 header, or the .npy magic; .npy is read with allow_pickle=False.
 NIfTI data of any real numeric type is accepted (CT is usually int16) and read as float32 with
 its scaling; /segment_array takes float32 .npy only, as its contract says.
+
+Uploads are sized from their headers before anything is allocated: the .npy header's and the
+NIfTI header's shape are checked against the voxel limit before the data is read, and gzip is
+inflated in slices only as far as the NIfTI header inside says it reaches, so a 200-byte file
+that declares 4000^3 voxels, or a gzip bomb, is a 413 that costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import gzip
+import hmac
 import importlib.metadata as md
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -46,6 +53,9 @@ BYTES_PER_INPUT_VOXEL, BYTES_PER_MODEL_VOXEL, BYTES_PER_MODEL_VOXEL_CLASS = 16, 
 #: not queued: each one holds a volume and its probabilities, and on a CPU a queue only turns
 #: into client timeouts. Raise it on a machine with more cores or a GPU.
 MAX_CONCURRENCY = int(os.environ.get("CLINBUNDLE_MAX_CONCURRENCY", 8))
+#: Seconds an upload's body may stall before the request gets a 408 (a Content-Length longer
+#: than the body would otherwise hold a worker for ever).
+BODY_TIMEOUT_S = float(os.environ.get("CLINBUNDLE_BODY_TIMEOUT_S", 30))
 #: The ONNX bundle's folder inside the BentoML model (BentoML keeps its model.yaml beside it, so
 #: the bundle's manifest still lists every file of its folder).
 BUNDLE_DIR = "bundle"
@@ -190,7 +200,7 @@ def read_volume(
     if not data:
         raise BadRequest("the uploaded file is empty")
     if data[:6] == b"\x93NUMPY":
-        array = _npy(data)
+        array = _npy(data, max_voxels, limit_name)
         if array.ndim != 3:
             raise BadRequest(f"a .npy volume must be 3-D (D, H, W), got shape {array.shape}")
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -198,7 +208,7 @@ def read_volume(
         array = array.astype(np.float32)
         affine = None  # no geometry: the array is taken to be on the model's grid
     else:
-        image = _nifti(data)
+        image = _nifti(data, max_voxels, limit_name)
         if len(image.shape) == 4 and image.shape[3] == 1:
             image = image.slicer[..., 0]
         if len(image.shape) != 3:
@@ -214,38 +224,163 @@ def read_volume(
     return array[None, None], affine
 
 
-def _npy(data: bytes) -> np.ndarray:
+#: gzip and .npy data are inflated / checked in slices of this size
+_CHUNK = 1 << 16
+#: extensions between a NIfTI header and its data are small; more is a crafted file
+_MAX_NIFTI_OFFSET = 16 * 1024**2
+#: bytes a .nii.gz may unpack to beyond what its header declares (writers' padding)
+_GZIP_SLACK = 1 << 16
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _check_declared(shape: tuple[int, ...], what: str, max_voxels: int, limit_name: str) -> int:
+    """The voxel count a header declares, checked before anything that size is allocated."""
+    voxels = math.prod(int(n) for n in shape)
+    if voxels == 0 or min(shape, default=0) == 0:
+        raise BadRequest(f"{what} is empty (shape {tuple(shape)})")
+    if voxels > max_voxels:
+        raise TooLarge(
+            f"{what} declares {voxels} voxels (shape {tuple(shape)}), over {limit_name} of "
+            f"{max_voxels}; crop or downsample it"
+        )
+    return voxels
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy, from its header alone: nothing is allocated."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        reader = _NPY_HEADERS.get(version)
+        if reader is None:
+            raise BadRequest(f"unsupported .npy format version {version}; use numpy.save")
+        shape, _fortran, dtype = reader(f)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise BadRequest(f"corrupt .npy file ({e})") from None
+    if dtype.hasobject:
+        raise BadRequest(".npy files with Python objects are refused (allow_pickle=False)")
+    return tuple(shape), dtype, f.tell()
+
+
+def _npy(data: bytes, max_voxels: int = MAX_VOXELS, limit_name: str = SERVICE_LIMIT) -> np.ndarray:
+    """A .npy upload, sized from its header before np.load allocates anything."""
+    shape, dtype, offset = _npy_header(data)
+    voxels = _check_declared(shape, "the array", max_voxels, limit_name)
+    if len(data) - offset < voxels * dtype.itemsize:
+        raise BadRequest(f"corrupt .npy file (shorter than its header's shape {shape})")
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise BadRequest(
-                ".npy files with Python objects are refused (allow_pickle=False)"
-            ) from None
-        raise BadRequest(f"corrupt .npy file ({e})") from None
-    except (OSError, EOFError) as e:
+    except MemoryError:
+        raise TooLarge("the .npy array does not fit in this server's memory") from None
+    except (ValueError, OSError, EOFError) as e:
         raise BadRequest(f"corrupt .npy file ({e})") from None
 
 
-def _nifti(data: bytes) -> nib.Nifti1Image:
-    if data[:2] == b"\x1f\x8b":
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-                data = f.read(MAX_REQUEST_BYTES * 8 + 1)  # a bounded read: no gzip bombs
-        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
-            raise BadRequest(f"corrupt gzip file ({e})") from None
-        if len(data) > MAX_REQUEST_BYTES * 8:
-            raise TooLarge("the gzip file unpacks to more than this service accepts")
-    magic = data[344:348]
-    cls = {b"n+1\x00": nib.Nifti1Image, b"n+2\x00": nib.Nifti2Image}.get(magic)
-    if cls is None:
+def _inflate(data: bytes, limit: int) -> bytes:
+    """gunzip in slices; more than `limit` bytes out is a TooLarge, so a bomb stops there.
+
+    Nothing is inflated beyond limit + 1 bytes, however small the body and large its claim.
+    """
+    out, pos, tail = bytearray(), 0, b""
+    d = zlib.decompressobj(wbits=31)  # gzip framing
+    try:
+        while len(out) <= limit:
+            if d.eof:  # a further gzip member may follow (as gzip.open reads them)
+                pos -= len(d.unused_data)
+                if data[pos : pos + 2] != b"\x1f\x8b":
+                    break
+                d, tail = zlib.decompressobj(wbits=31), b""
+            if not tail and pos >= len(data):
+                break
+            feed = tail or data[pos : pos + _CHUNK]
+            pos += 0 if tail else len(feed)
+            out += d.decompress(feed, limit + 1 - len(out))
+            tail = d.unconsumed_tail
+    except zlib.error as e:  # a damaged deflate stream
+        raise BadRequest(f"corrupt gzip file ({e})") from None
+    if len(out) > limit:
+        raise TooLarge(f"the gzip file unpacks to more than {limit} bytes, what its header allows")
+    if not d.eof:
+        raise BadRequest("corrupt gzip file (it ends before its deflate stream does)")
+    return bytes(out)
+
+
+def _nifti_header(head: bytes):
+    """(image class, header) from a NIfTI's first bytes (348 for NIfTI-1, 540 for NIfTI-2)."""
+    if head[344:348] == b"n+1\x00":
+        cls = nib.Nifti1Image
+    elif head[4:8] == b"n+2\x00":
+        cls = nib.Nifti2Image
+    else:
         raise BadRequest(
             "not a NIfTI (.nii / .nii.gz) or .npy file; send a 3-D NIfTI or .npy volume"
         )
+    size = cls.header_class.sizeof_hdr
+    if len(head) < size:
+        raise BadRequest(f"corrupt NIfTI file (a {size}-byte header, {len(head)} bytes sent)")
+    try:
+        header = cls.header_class.from_fileobj(io.BytesIO(head[:size]))
+        header.get_data_dtype()
+        return cls, header
+    except Exception as e:  # nibabel raises several types for broken headers
+        raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def _nifti_bytes_needed(header, max_voxels: int, limit_name: str) -> int:
+    """Header + data bytes the header declares, its voxels checked against the limit first."""
+    try:
+        shape, offset = header.get_data_shape(), int(header.get_data_offset())
+    except Exception as e:  # dims or offset out of range in a crafted header
+        raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
+    if any(int(n) < 0 for n in shape):
+        raise BadRequest(f"corrupt NIfTI file (negative dimension in {shape})")
+    voxels = _check_declared(shape, "the volume", max_voxels, limit_name)
+    if not 0 <= offset <= _MAX_NIFTI_OFFSET:
+        raise BadRequest(f"corrupt NIfTI file (data offset {offset})")
+    return max(offset, header.sizeof_hdr) + voxels * header.get_data_dtype().itemsize
+
+
+def _gunzip_nifti(data: bytes, max_voxels: int, limit_name: str) -> bytes:
+    """A .nii.gz unpacked only as far as its header (checked first) says it reaches."""
+    _cls, header = _nifti_header(_inflate_head(data, 540))
+    return _inflate(data, _nifti_bytes_needed(header, max_voxels, limit_name) + _GZIP_SLACK)
+
+
+def _inflate_head(data: bytes, n: int) -> bytes:
+    """The first `n` unpacked bytes of a gzip stream (fewer if it is shorter), for the header."""
+    d = zlib.decompressobj(wbits=31)
+    out, pos, tail = b"", 0, b""
+    try:
+        while len(out) < n and not d.eof and (tail or pos < len(data)):
+            feed = tail or data[pos : pos + _CHUNK]
+            pos += 0 if tail else len(feed)
+            out += d.decompress(feed, n - len(out))
+            tail = d.unconsumed_tail
+    except zlib.error as e:
+        raise BadRequest(f"corrupt gzip file ({e})") from None
+    if len(out) < n and not d.eof:
+        raise BadRequest("corrupt gzip file (it ends before its deflate stream does)")
+    return out
+
+
+def _nifti(
+    data: bytes, max_voxels: int = MAX_VOXELS, limit_name: str = SERVICE_LIMIT
+) -> nib.Nifti1Image:
+    """A NIfTI upload, its header's shape checked before the data is unpacked or read."""
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip_nifti(data, max_voxels, limit_name)
+    cls, header = _nifti_header(data)
+    if len(data) < _nifti_bytes_needed(header, max_voxels, limit_name):
+        raise BadRequest("corrupt NIfTI file (shorter than its header declares)")
     try:
         image = cls.from_bytes(data)
-        image.get_fdata(dtype=np.float32)  # a truncated file fails here, not later
+        image.get_fdata(dtype=np.float32)  # a broken file fails here, not later
         return image
+    except MemoryError:
+        raise TooLarge("the NIfTI volume does not fit in this server's memory") from None
     except Exception as e:  # nibabel raises several types for broken headers and data
         raise BadRequest(f"corrupt NIfTI file ({type(e).__name__}: {e})") from None
 
@@ -344,51 +479,205 @@ def service_metadata(bundle_path: Path) -> dict:
 
 
 class RequestGuard:
-    """ASGI middleware: bearer token (when set) and request size, checked before the body is read.
+    """ASGI middleware: bearer token (when set), request size and upload framing, checked
+    before the body reaches BentoML.
 
     BentoML 1.4 has no request size limit of its own; a POST must declare its Content-Length
     (every HTTP client does for a file upload) so that oversize bodies are refused unread.
+    BentoML answers a malformed multipart body (no boundary, no parts, a wrong field) with a
+    500, and waits for ever for a body shorter than its Content-Length: the upload routes'
+    bodies are followed here as they stream in (`_UploadCheck`) and refused with a 4xx.
     It also unwraps BentoML 1.4.39's 4xx bodies, which come as `[{"error": ...}]` (a stray
     comma in its error handler), so every error of this service is `{"error": "..."}`.
     """
 
-    def __init__(self, app, token: str | None = None, max_bytes: int = MAX_REQUEST_BYTES):
+    def __init__(
+        self,
+        app,
+        token: str | None = None,
+        max_bytes: int = MAX_REQUEST_BYTES,
+        upload_fields: dict[str, str] | None = None,
+        body_timeout: float = BODY_TIMEOUT_S,
+    ):
         self.app, self.token, self.max_bytes = app, token, max_bytes
+        self.upload_fields, self.body_timeout = upload_fields or {}, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metadata":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/metadata":
             # the metadata app is mounted at /metadata/; answer /metadata without a redirect
             scope = scope | {"path": "/metadata/", "raw_path": b"/metadata/"}
-        if scope["type"] == "http" and scope["path"].rstrip("/") not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            problem = None
-            if self.token and headers.get(b"authorization") != f"Bearer {self.token}".encode():
-                problem = (401, "missing or wrong bearer token ('Authorization: Bearer ...')")
-            elif scope["method"] == "POST":
-                length = headers.get(b"content-length")
-                if length is None:
-                    problem = (411, "send a Content-Length header")
-                elif int(length) > self.max_bytes:
-                    problem = (
-                        413,
-                        f"request of {int(length)} bytes is over the limit of "
-                        f"{self.max_bytes} (CLINBUNDLE_MAX_REQUEST_BYTES)",
-                    )
-            if problem:
-                body = json.dumps({"error": problem[1]}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": problem[0],
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
+        headers = dict(scope.get("headers") or [])
+        problem = None if scope["path"].rstrip("/") in OPEN_PATHS else self._refusal(scope, headers)
+        if problem:
+            await _respond(send, *problem)
+            return
+        field = self.upload_fields.get(scope["path"]) if scope["method"] == "POST" else None
+        if field:
+            check = _UploadCheck(headers, field, receive, send, self.body_timeout)
+            receive, send = check.receive, check.send
         await self.app(scope, receive, _unwrapping_errors(send))
+
+    def _authorized(self, headers: dict) -> bool:
+        """Constant-time comparison: the time taken tells nothing about the token."""
+        given = headers.get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.token}".encode())
+
+    def _refusal(self, scope, headers: dict) -> tuple[int, str] | None:
+        if self.token and not self._authorized(headers):
+            return 401, "missing or wrong bearer token ('Authorization: Bearer ...')"
+        if scope["method"] != "POST":
+            return None
+        length = headers.get(b"content-length")
+        if length is None:
+            return 411, "send a Content-Length header"
+        if not length.isdigit():
+            return 400, "the Content-Length header is not a number"
+        if int(length) > self.max_bytes:
+            return (
+                413,
+                f"request of {int(length)} bytes is over the limit of "
+                f"{self.max_bytes} (CLINBUNDLE_MAX_REQUEST_BYTES)",
+            )
+        if scope["path"] in self.upload_fields:
+            return _multipart_refusal(headers, self.upload_fields[scope["path"]])
+        return None
+
+
+def _multipart_refusal(headers: dict, field: str) -> tuple[int, str] | None:
+    from python_multipart.multipart import parse_options_header  # BentoML's own dependency
+
+    kind, params = parse_options_header(headers.get(b"content-type"))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        return (
+            400,
+            f"send the volume as a multipart/form-data upload (field '{field}') with a "
+            "boundary in its Content-Type",
+        )
+    return None
+
+
+async def _respond(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _UploadCheck:
+    """Follows one upload's multipart body as the app reads it, without keeping it.
+
+    At its end it must have been well formed, with the expected field as a file part; a body
+    that stops arriving for `timeout` seconds (a Content-Length longer than what is sent) gets
+    a 408. Either way this answers the client itself and the app sees a disconnect, so what
+    BentoML does with the broken body (a 500 or a wait) never reaches the client.
+    """
+
+    def __init__(self, headers: dict, field: str, receive, send, timeout: float) -> None:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        _kind, params = parse_options_header(headers.get(b"content-type"))
+        self.field, self._receive, self._send, self.timeout = field, receive, send, timeout
+        self.parts: list[tuple[str, bool]] = []  # (name, is a file) of each part
+        self.ended = self.body_done = self.responded = self.started = False
+        self.error: str | None = None
+        self._name = self._value = b""
+        self.parser = MultipartParser(
+            params[b"boundary"],
+            callbacks={
+                "on_header_field": self._on_name,
+                "on_header_value": self._on_value,
+                "on_header_end": self._on_header_end,
+                "on_end": self._on_end,
+            },
+        )
+
+    def _on_name(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def _on_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        if self._name.strip().lower() == b"content-disposition":
+            _kind, params = parse_options_header(self._value)
+            part = params.get(b"name", b"").decode("latin-1")
+            self.parts.append((part, b"filename" in params))
+        self._name = self._value = b""
+
+    def _on_end(self) -> None:
+        self.ended = True
+
+    def _feed(self, chunk: bytes) -> None:
+        if self.error is None and chunk:
+            try:
+                self.parser.write(chunk)
+            except Exception as e:  # python-multipart's parse errors
+                self.error = f"malformed multipart body ({e})"
+
+    def _problem(self) -> str | None:
+        """Why the complete body cannot be an upload of `field`, or None."""
+        if self.error:
+            return self.error
+        if not self.ended:
+            return (
+                "the multipart body ends before its closing boundary (cut short, or a "
+                "Content-Length shorter than the body)"
+            )
+        if not self.parts:
+            return f"the multipart body has no parts; send the volume as field '{self.field}'"
+        files = [name for name, is_file in self.parts if is_file]
+        if self.field not in files:
+            got = ", ".join(repr(n) for n, _ in self.parts)
+            return f"no file upload in field '{self.field}' (got {got}); send the volume there"
+        return None
+
+    async def receive(self):
+        if self.responded:
+            return {"type": "http.disconnect"}
+        if self.body_done:  # e.g. a response listening for a disconnect: no timeout there
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), self.timeout)
+        except TimeoutError:
+            await self._refuse(
+                408,
+                f"no request data for {self.timeout:g} s; the body is shorter than its "
+                "Content-Length, or the client stalled",
+            )
+            return {"type": "http.disconnect"}
+        if message["type"] == "http.request":
+            self._feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.body_done = True
+                problem = self._problem()
+                if problem:
+                    await self._refuse(400, problem)
+                    return {"type": "http.disconnect"}
+        return message
+
+    async def _refuse(self, status: int, message: str) -> None:
+        if not self.started:
+            self.responded = True
+            await _respond(self._send, status, message)
+
+    async def send(self, message) -> None:
+        if self.responded:
+            return  # already answered; the app's answer to the cut-off body is dropped
+        self.started = True
+        await self._send(message)
 
 
 def _unwrapping_errors(send):

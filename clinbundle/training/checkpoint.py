@@ -13,10 +13,22 @@ import torch
 
 
 def rng_states() -> dict[str, Any]:
-    """Every global RNG a training step may touch (python, numpy, torch CPU and CUDA)."""
+    """Every global RNG a training step may touch (python, numpy, torch CPU and CUDA).
+
+    Stored as tensors and plain types only, so that `last.pt` loads with weights_only=True
+    (a checkpoint is data; unpickling arbitrary objects from a tracking server would run code).
+    """
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -26,8 +38,10 @@ def rng_states() -> dict[str, Any]:
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     """Put back what `rng_states` captured (CUDA states only where CUDA is present)."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    py, npy = states["python"], states["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -8,6 +8,7 @@ in `last`, and training continues the same MLflow run.
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -108,20 +109,37 @@ def fetch_checkpoints(client: MlflowClient, run_id: str, ckpt_dir: Path) -> dict
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(run_id, "checkpoints", tmp))
-        try:
-            # our own file, written by this project's training; it holds numpy RNG states
-            last = torch.load(local / "last.pt", map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ResumeError(f"run {run_id}: checkpoints/last.pt cannot be read ({e})") from None
+        last = load_checkpoint(local / "last.pt", f"run {run_id}: checkpoints/last.pt")
         shutil.copyfile(local / "last.pt", ckpt_dir / "last.pt")
         for f in sorted(local.glob("best_*.pt")):
             metric = f.stem.removeprefix("best_")
-            best = torch.load(f, map_location="cpu", weights_only=True)
+            best = load_checkpoint(f, f"run {run_id}: checkpoints/{f.name}")
             if best.get("epoch") == last.get("best_epoch", {}).get(metric):
                 shutil.copyfile(f, ckpt_dir / f.name)
             else:
                 log.info("skipping %s (epoch %s): newer than `last`, redone", f.name, best["epoch"])
     return last
+
+
+def load_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    """torch.load with weights_only=True: a checkpoint is data (tensors, plain types).
+
+    It comes from a tracking server that others can write to; a full unpickle would run
+    whatever code the file names, so anything beyond data is refused (ResumeError, exit 2).
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ResumeError(
+            f"{what} holds more than tensors and plain data, so it is refused (loading it "
+            f"would run code from the file; only weights_only checkpoints are resumed): {first}"
+        ) from None
+    except Exception as e:
+        raise ResumeError(f"{what} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ResumeError(f"{what} is not a clinbundle checkpoint (a {type(obj).__name__})")
+    return obj
 
 
 def resume_config(saved: dict[str, Any], overrides: list[str]) -> Config:
