@@ -131,3 +131,16 @@ def test_largest_component_post_processing_keeps_one_blob() -> None:
     assert labels_from_probabilities(probs).sum() == 35
     kept = labels_from_probabilities(probs, PostProcessing(largest_component=[1]))
     assert kept.sum() == 27 and kept[1:4, 1:4, 1:4].all()
+
+
+def test_the_model_grid_survives_an_affine_read_back_from_a_nifti_header() -> None:
+    """35 slices of 1.3 mm are 45.5 mm: float32 header noise must not move the grid."""
+    import nibabel as nib
+
+    affine = np.diag([0.9, 0.9, 1.3, 1.0])
+    stored = nib.Nifti1Image.from_bytes(nib.Nifti1Image(np.zeros((37, 41, 35)), affine).to_bytes())
+    assert not np.array_equal(stored.affine, affine)  # float32 in the header
+    a = plan((37, 41, 35), affine, (1.0, 1.0, 1.0), "RAS").model
+    b = plan((37, 41, 35), stored.affine, (1.0, 1.0, 1.0), "RAS").model
+    assert a.shape == b.shape == (33, 37, 46)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)

@@ -158,7 +158,10 @@ def plan(
     if spacing is None or np.allclose(oriented.spacing, spacing, rtol=SPACING_RTOL):
         return Plan(source, oriented, oriented, ornt, back)
     old, new = np.array(oriented.spacing), np.array(spacing, dtype=np.float64)
-    m_shape = tuple(max(1, round(n * o / s)) for n, o, s in zip(o_shape, old, new, strict=True))
+    # half up, after rounding away float32 noise: an affine read back from a NIfTI header
+    # (35 x 1.29999995 mm) must give the grid the float64 one (35 x 1.3 mm = 45.5 -> 46) gives
+    extent = np.round(np.array(o_shape) * old / new, 3)
+    m_shape = tuple(max(1, int(np.floor(x + 0.5))) for x in extent)
     m_affine = np.eye(4)
     m_affine[:3, :3] = o_affine[:3, :3] / old * new
     corner = o_affine @ np.array([-0.5, -0.5, -0.5, 1.0])
