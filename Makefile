@@ -32,21 +32,15 @@ lint: $(STAMP)
 # yourself (and point CHROMIUM_PATH at chromium).
 CHROMIUM_PATH ?= /usr/bin/chromium
 SUDO = $$( [ "$$(id -u)" = 0 ] || echo sudo )
+# $(call apt_install,PACKAGE,WHAT FOR): Debian's package, refreshing the lists once if needed
+apt_install = if command -v apt-get >/dev/null 2>&1; then \
+	echo "installing Debian's $(1) $(2)"; \
+	$(SUDO) apt-get install -y --no-install-recommends $(1) \
+	|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $(1); }; \
+	else echo "warning: no apt-get to install $(1) $(2): those tests will fail; install it"; fi
 system-deps:
-	@if [ -x "$(CHROMIUM_PATH)" ]; then :; \
-	elif command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's chromium for the browser test"; \
-		$(SUDO) apt-get install -y --no-install-recommends chromium \
-		|| { $(SUDO) apt-get update \
-			&& $(SUDO) apt-get install -y --no-install-recommends chromium; }; \
-	else echo "warning: no $(CHROMIUM_PATH) and no apt-get: the browser test will fail; install chromium and set CHROMIUM_PATH"; fi
-	@if command -v dciodvfy >/dev/null 2>&1; then :; \
-	elif command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's dicom3tools (dciodvfy) for the DICOM SEG tests"; \
-		$(SUDO) apt-get install -y --no-install-recommends dicom3tools \
-		|| { $(SUDO) apt-get update \
-			&& $(SUDO) apt-get install -y --no-install-recommends dicom3tools; }; \
-	else echo "warning: no dciodvfy and no apt-get: the DICOM SEG tests will fail; install dicom3tools"; fi
+	@[ -x "$(CHROMIUM_PATH)" ] || { $(call apt_install,chromium,for the browser test); }
+	@command -v dciodvfy >/dev/null 2>&1 || { $(call apt_install,dicom3tools,for the DICOM SEG tests); }
 
 test: lint system-deps
 	$(BIN)/python -m pytest
