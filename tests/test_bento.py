@@ -151,9 +151,10 @@ def test_segment_nifti_matches_the_onnx_bundle_exactly_and_pytorch_within_tolera
     assert labels.dtype == np.uint8 and labels.shape == image.shape
     assert np.allclose(seg.affine, affine)
     bundle = load_bundle(packaged.bundle, device="cpu")
-    assert np.array_equal(labels, bundle.predict(image[None, None])[0].argmax(0))
+    # the header's geometry is used: reoriented and resampled to the contract, and back
+    assert np.array_equal(labels, bundle.predict(image[None, None], affine, "labels")[0])
     ref = torch_runtime(packaged.model.load_network(), packaged.model.contract).run(
-        image[None, None]
+        image[None, None], affine
     )
     assert (labels != ref[0].argmax(0)).mean() <= 1e-4
     assert labels.any()  # the model finds vessels; an all-zero answer would pass trivially

@@ -8,6 +8,7 @@ against the truth on its own grid. The MAP's share of this is in test_map.py.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def test_served_bento_segments_the_same_vessels_from_the_nifti_header(served, va
 def test_served_bento_takes_a_whole_512x512x300_int16_ct(served) -> None:
     """A CT as a scanner sends it: int16 HU, 0.7 x 0.7 x 1.5 mm, stored LPS; labels come back
     on its grid with its affine. The limits behind it are in /metadata."""
-    url, log = served
+    url, _ = served
     affine = np.diag([-0.7, -0.7, 1.5, 1.0])
     ct = synthetic_ct((512, 512, 300))
     assert ct.dtype == np.int16
@@ -150,7 +151,6 @@ def test_served_bento_takes_a_whole_512x512x300_int16_ct(served) -> None:
     limits = httpx.get(url + "/metadata", timeout=30).json()["limits"]
     assert limits["max_voxels"] >= 512 * 512 * 300
     assert abs(limits["memory_budget_bytes"] - BUDGET_GIB * 2**30) < 2**20
-    assert "memory budget 4.5 GiB" in log.read_text()
 
 
 def test_a_volume_that_would_not_fit_is_a_413_with_the_numbers(served) -> None:
@@ -165,16 +165,20 @@ def test_a_volume_that_would_not_fit_is_a_413_with_the_numbers(served) -> None:
 
 
 @pytest.mark.parametrize(
-    "affine, needle",
+    "rows, needle",
     [
-        (np.diag([1.0, 0.0, 1.0, 1.0]), "zero voxel spacing"),
-        ([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], "singular"),
+        ([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]], "zero voxel spacing"),
+        ([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]], "singular"),
     ],
 )
-def test_bad_geometry_is_a_400_naming_the_problem(served, affine, needle) -> None:
+def test_bad_geometry_is_a_400_naming_the_problem(served, rows, needle) -> None:
+    """A header whose sform cannot place the voxels (written byte by byte: nibabel itself
+    refuses to make such an image)."""
     url, _ = served
-    img = nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.asarray(affine, float))
-    img.set_sform(np.asarray(affine, float), code=1)
-    img.set_qform(None, code=0)
-    r = httpx.post(url + "/segment", files={"file": ("bad.nii", img.to_bytes())}, timeout=60)
+    good = nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)).to_bytes()
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(good))
+    header["qform_code"], header["sform_code"] = 0, 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = rows
+    body = header.binaryblock + good[header.sizeof_hdr :]
+    r = httpx.post(url + "/segment", files={"file": ("bad.nii", body)}, timeout=60)
     assert r.status_code == 400 and needle in r.json()["error"], r.text

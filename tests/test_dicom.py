@@ -249,7 +249,9 @@ def test_study_with_several_series_gives_a_coded_valid_seg_of_the_chosen_one(
     # HU values themselves are checked in the rescale test)
     labels = read_seg_labels(seg_path, files)
     hu = quantize_hu(volume, SLOPE, INTERCEPT)
-    np.testing.assert_array_equal(labels, bundle.predict(hu[None, None])[0].argmax(0))
+    geometry = SeriesGeometry()  # write_ct_series' default: 0.8 x 0.7 x 1.5 mm
+    expected = bundle.predict(hu[None, None], geometry.affine_ras(), "labels")[0]
+    np.testing.assert_array_equal(labels, expected)
     assert labels.sum() > 0
 
 
@@ -369,7 +371,8 @@ def test_killed_run_leaves_nothing_in_the_way_and_same_names_never_collide(
     bundle = load_bundle(coded_bundle, "cpu")
     for sub, vol in (("a", volume), ("b", volume[::-1].copy())):
         labels = np.asarray(nib.load(out / sub / "scan_seg.nii.gz").dataobj)
-        np.testing.assert_array_equal(labels, bundle.predict(vol[None, None])[0].argmax(0))
+        expected = bundle.predict(vol[None, None], affine, "labels")[0]
+        np.testing.assert_array_equal(labels, expected)
 
 
 def _bad_niftis(volume: np.ndarray, folder: Path) -> dict[str, str]:

@@ -151,6 +151,24 @@ class HUSeriesToVolumeOperator(DICOMSeriesToVolumeOperator):
     Geometry, slice order and metadata stay the SDK's.
     """
 
+    def compute_affine_transform(self, s_1, s_n, n, series) -> None:
+        """The SDK's affine with the in-plane spacings where DICOM puts them.
+
+        DICOM's PixelSpacing is (spacing between rows, spacing between columns) (PS3.3
+        C.7.6.2.1.1), so the row direction (along which the column index grows) is scaled by
+        the second value and the column direction by the first. The SDK 4.0.0 scales them the
+        other way round, which is invisible for square pixels and puts every non-square-pixel
+        series on a wrong grid once the affine is used (the MAP parity's oblique 0.8 x 0.7 mm
+        series caught it).
+        """
+        super().compute_affine_transform(s_1, s_n, n, series)
+        vr, vc = (float(x) for x in s_1[0x0028, 0x0030].value)
+        for name in (self.ATTRIBUTE_DICOM_AFFINE, self.ATTRIBUTE_NIFTI_AFFINE):
+            m = np.array(getattr(series, name), dtype=np.float64)
+            m[:3, 0] *= vc / vr
+            m[:3, 1] *= vr / vc
+            setattr(series, name, m)
+
     def generate_voxel_data(self, series) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut, apply_presentation_lut
 
