@@ -190,6 +190,10 @@ def signed_map(packaged, keys, tmp_path_factory: pytest.TempPathFactory) -> Path
             "cpu",
             "--sign-key",
             str(keys["a"][0]),
+            # signing is under test here, not parity (test_map.py): the tiny session model's
+            # borderline voxels may flip on the oblique NIfTI/DICOM round trips
+            "--max-flips",
+            "0.05",
         ]
     )
     assert rc == 0
