@@ -316,7 +316,9 @@ def test_bento_carries_the_sbom_and_refuses_an_unsigned_bundle_when_a_key_is_set
             timeout=30,
         )
         assert r.status_code == 503, r.text
-        assert "model failed to load" in r.text and "is not signed" in r.text
+        # BentoML 1.4.39 answers its ServiceUnavailable with a generic message: the reason is
+        # in the server log (bentos/service.py could pass it on, as ClientError does for 4xx)
+        assert "is not signed" in log.read_text(errors="replace")
     finally:
         import signal
 
