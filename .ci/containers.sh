@@ -99,6 +99,9 @@ step "inspect the training image"
 [ "$(podman image inspect -f '{{json .Config.Entrypoint}} {{json .Config.Cmd}}' "$TRAIN_IMAGE")" \
     = '["clinbundle"] ["quickstart","--workdir","/workspace"]' ] \
     || { log "unexpected ENTRYPOINT/CMD"; exit 1; }
+podman run --rm --entrypoint python3 "$TRAIN_IMAGE" -c \
+    "import json; d = json.load(open('/opt/sbom.cdx.json')); assert d['bomFormat'] == 'CycloneDX' and d['components']" \
+    || { log "the training image has no CycloneDX SBOM at /opt/sbom.cdx.json"; exit 1; }
 # nothing of the build context but the package: no tests, caches, data, wheels, sources
 podman run --rm --entrypoint /bin/sh "$TRAIN_IMAGE" -c '
     set -e; id -u; test ! -e /src; test ! -e /tmp/wheels; test ! -e /root/.cache/pip

@@ -169,9 +169,32 @@ def cmd_package_onnx(args: argparse.Namespace) -> int:
         exporter=args.exporter,
         validation_limit=args.validation_volumes,
         force=args.force,
+        sign_key=_sign_key(args),
     )
     print(f"parity: {report.summary()}")
     print(out.resolve())
+    return 0
+
+
+def _sign_key(args: argparse.Namespace) -> Path | None:
+    """--sign-key, checked before any packaging work starts."""
+    if not args.sign_key:
+        return None
+    key = Path(args.sign_key).resolve()
+    if not key.is_file():
+        raise ClinbundleError(f"--sign-key {key} does not exist (make one: clinbundle keys new)")
+    return key
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.signing import new_keypair
+    from clinbundle.runtime.signature import key_fingerprint
+
+    private, public = new_keypair(Path(args.out))
+    print(f"private key (keep it secret; --sign-key): {private.resolve()}")
+    print(
+        f"public key ({key_fingerprint(public)}; --key, CLINBUNDLE_TRUSTED_KEY): {public.resolve()}"
+    )
     return 0
 
 
@@ -179,7 +202,7 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
     from clinbundle.packaging.bento import build_bento
     from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_reference, verify_bundle
 
-    model, tolerances = _resolve(args), _tolerances(args)
+    model, tolerances, sign_key = _resolve(args), _tolerances(args), _sign_key(args)
     reference = None
     if args.bundle:
         bundle = Path(args.bundle)
@@ -188,7 +211,13 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
         bundle = _workdir(args) / "bundles" / f"{model.name}-v{model.version}-onnx"
         reference = parity_reference(model, args.validation_volumes)  # once for both checks
         build_onnx_bundle(
-            model, bundle, device="cpu", tolerances=tolerances, force=True, reference=reference
+            model,
+            bundle,
+            device="cpu",
+            tolerances=tolerances,
+            force=True,
+            reference=reference,
+            sign_key=sign_key,
         )
     archive, report = build_bento(
         model,
@@ -198,6 +227,7 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
         validation_limit=args.validation_volumes,
         force=args.force,
         reference=reference,
+        sign_key=sign_key,
     )
     print(f"parity over HTTP: {report.summary()}")
     print(archive.resolve())
@@ -260,6 +290,7 @@ def cmd_package_map(args: argparse.Namespace) -> int:
         tolerances=_tolerances(args),
         validation_limit=args.validation_volumes,
         force=args.force,
+        sign_key=_sign_key(args),
     )
     print(f"parity: {report.summary()}")
     print(out.resolve())
@@ -277,9 +308,12 @@ def cmd_run_map(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from clinbundle.packaging.onnx_bundle import verify_bundle
+    from clinbundle.runtime.signature import check_signature
 
-    report = verify_bundle(Path(args.bundle), device=args.device)
+    key = Path(args.key) if args.key else None
+    report = verify_bundle(Path(args.bundle), device=args.device, key=key)
     print(f"{args.bundle}: all files match manifest.json; sample parity {report.summary()}")
+    print(f"{args.bundle}: signature {check_signature(Path(args.bundle), key)}")
     return 0
 
 
@@ -389,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--validation-volumes", type=int, default=2, help="run's val volumes in the suite"
         )
         sp.add_argument("--force", action="store_true", help="replace an existing output folder")
+        sp.add_argument(
+            "--sign-key",
+            metavar="PEM",
+            help="EC private key (clinbundle keys new): sign the bundle (model.sig) before it "
+            "is moved into place",
+        )
         common(sp)
 
     pkg = sub.add_parser("package", help="champion -> parity-checked deployment bundle")
@@ -433,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's hashes and re-run its sample parity")
     v.add_argument("bundle")
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.add_argument(
+        "--key",
+        metavar="PUB.pem",
+        help="public key the bundle must be signed with (default: CLINBUNDLE_TRUSTED_KEY)",
+    )
     common(v)
     v.set_defaults(func=cmd_verify)
 
@@ -451,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", help="MSD folder whose held-out pairs are the samples")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_cmd", required=True)
+    kn = k.add_parser("new", help="a new EC P-256 key pair (private key mode 0600) for --sign-key")
+    kn.add_argument("--out", required=True, help="folder for signing-key.pem and .pub.pem")
+    kn.set_defaults(func=cmd_keys_new)
 
     c = sub.add_parser("config", help="print the resolved training config")
     overrides(c)

@@ -60,7 +60,7 @@ BODY_TIMEOUT_S = float(os.environ.get("CLINBUNDLE_BODY_TIMEOUT_S", 30))
 #: the bundle's manifest still lists every file of its folder).
 BUNDLE_DIR = "bundle"
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
-STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None}
+STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None, "signature": None}
 
 
 class BadRequest(ValueError):
@@ -82,7 +82,8 @@ class Busy(BadRequest):
 def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
     """Open the bundle and run warm-up inferences; only then is the service ready."""
     device = os.environ.get("CLINBUNDLE_DEVICE", "auto")
-    bundle = load_bundle(bundle_path, device=device)
+    bundle = load_bundle(bundle_path, device=device)  # CLINBUNDLE_TRUSTED_KEY: signed only
+    STATE["signature"] = bundle.signature
     runs = int(os.environ.get("CLINBUNDLE_WARMUP_RUNS", "1"))
     shape = (1, bundle.contract.in_channels, *bundle.contract.roi_size)
     t0 = time.perf_counter()
@@ -464,6 +465,8 @@ def service_metadata(bundle_path: Path) -> dict:
         "serving_libraries": serving,
         "execution_provider": STATE["execution_provider"],
         "loaded_at": STATE["loaded_at"],
+        # "unsigned", "signed, not checked" or "verified with key sha256:..." (None: not loaded)
+        "signature": STATE["signature"],
         "limits": {
             "max_request_bytes": MAX_REQUEST_BYTES,
             "max_voxels": MAX_VOXELS,

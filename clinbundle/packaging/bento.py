@@ -5,6 +5,10 @@
     -> bentoml build (offline) -> `bentoml serve` on 127.0.0.1 -> parity over HTTP
     -> report into the bento and onto the model version -> bentoml export -> OUT/
 
+The ONNX bundle inside the bento carries its SBOM (listed in its manifest) and, with a signing
+key, is signed again in the store (so a bundle given with --bundle is signed too); a copy of the
+SBOM of this environment, where the HTTP parity ran, goes into the bento (src/) and OUT/.
+
 A breach deletes the bento from the store and leaves OUT untouched.
 """
 
@@ -40,6 +44,8 @@ from clinbundle.packaging.parity import (
     settle_parity,
 )
 from clinbundle.packaging.runtimes import http_runtime
+from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
+from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.errors import BundleError, ParityError
 from clinbundle.vendoring import vendor_runtime
 
@@ -123,8 +129,9 @@ def pinned(packages: list[str]) -> list[str]:
     return pins
 
 
-def import_bundle(bundle: Path, model: ResolvedModel) -> str:
-    """Copy the ONNX bundle into the BentoML model store; returns the model tag."""
+def import_bundle(bundle: Path, model: ResolvedModel, sign_key: Path | None = None) -> str:
+    """Copy the ONNX bundle into the BentoML model store (signing the copy with `sign_key`, if
+    given); returns the model tag."""
     import bentoml
 
     labels = {"registered_model": str(model.name), "registered_version": str(model.version)}
@@ -132,6 +139,8 @@ def import_bundle(bundle: Path, model: ResolvedModel) -> str:
         BENTO_MODEL, labels=labels, metadata={"run_id": model.run_id, "uri": model.uri}
     ) as m:
         shutil.copytree(bundle, Path(m.path) / BUNDLE_DIR)
+        if sign_key is not None:
+            sign_bundle(Path(m.path) / BUNDLE_DIR, sign_key)
     log.info("imported %s into the BentoML store as %s", bundle, m.tag)
     return str(m.tag)
 
@@ -163,10 +172,12 @@ def build_bento(
     force: bool = False,
     record: bool = True,
     reference: Reference | None = None,
+    sign_key: Path | None = None,
 ) -> tuple[Path, ParityReport]:
     """Build, prove parity over HTTP, export; ParityError (and nothing kept) on a breach.
 
     `reference`: the packaging run's PyTorch outputs when the ONNX bundle was just checked too.
+    `sign_key`: sign the bento's copy of the ONNX bundle before the bento is built.
     """
     import bentoml
 
@@ -176,7 +187,7 @@ def build_bento(
     reference = reference or parity_reference(model, validation_limit)
     cases = reference.cases
     with staged_folder(out, force=force) as tmp:
-        model_tag = import_bundle(onnx_bundle, model)
+        model_tag = import_bundle(onnx_bundle, model, sign_key)
         ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))
         bentofile = stage_build_context(ctx, model_tag)
         env = {"CLINBUNDLE_BENTO_MODEL": model_tag}
@@ -203,6 +214,8 @@ def build_bento(
         inside.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copy(f, inside / f.name)
+        sbom = write_sbom(tmp / SBOM_FILE)
+        shutil.copy(sbom, inside.parent / SBOM_FILE)
         archive = tmp / f"{tag.replace(':', '-')}.bento"
         bentoml.export_bento(tag, str(archive))
         (tmp / "BENTO_TAG").write_text(tag + "\n")

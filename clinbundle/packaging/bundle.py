@@ -21,6 +21,7 @@ from clinbundle.provenance import git_commit, library_versions
 from clinbundle.runtime.bundle_reader import MANIFEST
 from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import tree_hashes
+from clinbundle.runtime.signature import SIGNATURE_FILE
 
 if TYPE_CHECKING:  # serving imports this module without MLflow installed
     from clinbundle.packaging.model_source import ResolvedModel
@@ -55,7 +56,8 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
 def build_manifest(
     folder: Path, fmt: str, model: ResolvedModel, report: ParityReport, extra: dict
 ) -> dict:
-    """Provenance, contract, parity summary and the sha256 of every file but itself."""
+    """Provenance, contract, parity summary and the sha256 of every file but itself (and the
+    signature, which is made after the manifest and covers it: clinbundle.runtime.signature)."""
     import mlflow
 
     tracking = mlflow.get_tracking_uri()
@@ -91,7 +93,7 @@ def build_manifest(
             "candidate": report.candidate,
         },
         **extra,
-        "files": tree_hashes(folder, exclude=(MANIFEST,)),
+        "files": tree_hashes(folder, exclude=(MANIFEST, SIGNATURE_FILE)),
     }
 
 

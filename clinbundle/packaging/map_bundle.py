@@ -21,7 +21,14 @@ Context layout (image paths in brackets):
     map/app.json, map/pkg.json  [/etc/holoscan/app.json, /etc/holoscan/pkg.json]
     pip/requirements.txt        pinned: what passed parity here
     parity/                     parity_report.{json,md}
+    sbom.cdx.json               CycloneDX SBOM of the environment the MAP parity ran in
     manifest.json, README.md
+    model.sig                   with a signing key: signature over the whole context (the
+                                nested bundle is signed with the same key on its own)
+
+A trusted key for the app (`trusted-key` in app.yaml's clinbundle section) is the deployer's
+setting, not the bundle's: a context cannot vouch for itself. It is left empty here; set it in
+the deployed app.yaml (relative to that file, or absolute), or set CLINBUNDLE_TRUSTED_KEY.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from clinbundle.packaging.parity import (
     check_parity,
     settle_parity,
 )
+from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
+from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.errors import BundleError, ParityError
 from clinbundle.runtime.runners import Runtime
 from clinbundle.vendoring import vendor_runtime
@@ -124,6 +133,9 @@ def app_config(model: ResolvedModel, title: str) -> dict:
             # series-strict is true
             "series-selection": series_rules(model.contract.modality),
             "series-strict": False,
+            # a public key PEM (relative to this file, or absolute) the bundle must be signed
+            # with; empty: any bundle loads and its signature state is only logged
+            "trusted-key": None,
         },
     }
 
@@ -360,8 +372,11 @@ def build_map(
     validation_limit: int = 2,
     force: bool = False,
     record: bool = True,
+    sign_key: Path | None = None,
 ) -> tuple[Path, ParityReport]:
-    """Write a MAP build context for `model`; ParityError (and nothing written) on a breach."""
+    """Write a MAP build context for `model`; ParityError (and nothing written) on a breach.
+
+    `sign_key`: sign the nested ONNX bundle and then the whole context (after its manifest)."""
     tol = tolerances or Tolerances.for_precision("fp32")
     name = model.name or "model"
     title = f"clinbundle {name} segmentation"
@@ -374,6 +389,7 @@ def build_map(
             tolerances=tol,
             record=False,
             reference=reference,
+            sign_key=sign_key,
         )
         write_app(tmp / "app")
         config = app_config(model, title)
@@ -395,11 +411,14 @@ def build_map(
         settle_parity(report, model, tmp / "parity", record, "MAP", "MAP")
         for leftover in tmp.rglob("__pycache__"):  # the parity runs compiled the vendored copy
             shutil.rmtree(leftover)
+        write_sbom(tmp / SBOM_FILE)
         extra = {
             "sdk": "monai-deploy",
             "sdk_version": SDK_VERSION,
             "base_image": DEFAULT_BASE_IMAGE,
         }
         write_manifest(tmp, build_manifest(tmp, "map", model, report, extra))
+        if sign_key is not None:
+            sign_bundle(tmp, sign_key)
     log.info("MAP build context %s: %s", out, report.summary())
     return out, report

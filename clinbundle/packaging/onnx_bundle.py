@@ -12,6 +12,9 @@ Bundle layout (a folder a stranger can read):
     parity/parity_report.{json,md}
     sample/input.npy             a raw volume of awkward shape ...
     sample/reference.npy         ... and PyTorch's probabilities for it (what verify re-checks)
+    sbom.cdx.json                CycloneDX SBOM of the Python environment parity ran in
+    model.sig                    with a signing key: model-signing signature over all the above
+                                 (manifest.json included; see clinbundle.runtime.signature)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from clinbundle.packaging.parity import (
     settle_parity,
 )
 from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
+from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.bundle_reader import (
     CONTRACT_FILE,
     MANIFEST,
@@ -46,6 +51,7 @@ from clinbundle.runtime.bundle_reader import (
 from clinbundle.runtime.errors import BundleError, ParityError
 from clinbundle.runtime.hashing import tree_hashes
 from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
+from clinbundle.runtime.signature import check_signature
 
 if TYPE_CHECKING:  # serving loads bundles without MLflow installed
     import torch
@@ -84,10 +90,13 @@ def build_onnx_bundle(
     force: bool = False,
     record: bool = True,
     reference: Reference | None = None,
+    sign_key: Path | None = None,
 ) -> tuple[Path, ParityReport]:
     """Export, prove parity, write the bundle; ParityError (and no bundle) on a breach.
 
     `reference`: the packaging run's PyTorch outputs when other formats are checked too.
+    `sign_key`: an EC private key PEM; the staged bundle is signed (model.sig) after its
+    manifest is written, before it is renamed into place.
     """
     tol = tolerances or Tolerances.for_precision(precision)
     log.info("parity tolerances for %s: %s", precision, tol)
@@ -117,6 +126,7 @@ def build_onnx_bundle(
         (tmp / "sample").mkdir()
         np.save(tmp / "sample" / "input.npy", sample.volume)
         np.save(tmp / "sample" / "reference.npy", reference.output(sample.volume)[0])
+        write_sbom(tmp / SBOM_FILE)
         extra = {
             "precision": precision,
             "exporter": exporter,
@@ -130,23 +140,29 @@ def build_onnx_bundle(
         )
         manifest["files"] = tree_hashes(tmp, exclude=(MANIFEST,))  # now with the card
         write_manifest(tmp, manifest)
+        if sign_key is not None:
+            sign_bundle(tmp, sign_key)
     return out, report
 
 
-def verify_bundle(path: Path, device: str = "auto") -> ParityReport:
-    """Hashes first (a changed byte names its file), then parity on the bundle's own sample."""
+def verify_bundle(path: Path, device: str = "auto", key: Path | None = None) -> ParityReport:
+    """Hashes first (a changed byte names its file), then the signature (checked with `key`,
+    else CLINBUNDLE_TRUSTED_KEY; required when either is given), then parity on the bundle's
+    own sample. A MAP context is checked as a whole, then its nested ONNX bundle (same key)."""
     path = Path(path)
     manifest = read_manifest(path)
     if manifest.get("format") == "map":  # a MAP build context: its models/<name> is a bundle
         problems = check_hashes(path, manifest)
         if problems:
             raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
+        log.info("%s: signature %s", path, check_signature(path, key))
         nested = sorted(p.parent for p in path.glob(f"models/*/{MANIFEST}"))
         if len(nested) != 1:
             raise BundleError(f"{path}: a MAP holds one ONNX bundle under models/, found {nested}")
-        return verify_bundle(nested[0], device)
+        return verify_bundle(nested[0], device, key)
     try:
-        bundle = load_bundle(path, device)  # checks every file's hash before anything runs
+        # checks every file's hash and the signature before anything runs
+        bundle = load_bundle(path, device, trusted_key=key)
     except BundleError:
         raise
     except Exception as e:  # ORT refuses a graph it cannot parse

@@ -2,8 +2,9 @@
 batch inference all load. The builder (`clinbundle.packaging.onnx_bundle`) is not needed here.
 
 Opening checks the manifest's sha256 of every file before a byte of the model runs (so a bundle
-changed after its parity check is refused, naming the file), then that the contract embedded in
-model.onnx equals contract.json.
+changed after its parity check is refused, naming the file), then its signature (`signature.py`:
+required and checked when a trusted key is configured, else only reported), then that the
+contract embedded in model.onnx equals contract.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import sha256_file, tree_hashes
 from clinbundle.runtime.inference import Output
 from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
+from clinbundle.runtime.signature import SIGNATURE_FILE, check_signature
 
 log = logging.getLogger("clinbundle.bundle")
 
@@ -53,7 +55,10 @@ def read_manifest(folder: Path) -> dict:
 
 
 def check_hashes(folder: Path, manifest: dict) -> list[str]:
-    """Problems, each naming its file: missing, changed, or not in the manifest."""
+    """Problems, each naming its file: missing, changed, or not in the manifest.
+
+    The manifest lists every file but itself and the folder's signature (`model.sig`, which
+    covers the manifest in turn: see `clinbundle.runtime.signature`)."""
     problems = []
     for rel, want in manifest["files"].items():
         p = folder / rel
@@ -63,7 +68,7 @@ def check_hashes(folder: Path, manifest: dict) -> list[str]:
             problems.append(
                 f"{rel}: sha256 {got[:12]}... differs from the manifest's {want[:12]}..."
             )
-    present = set(tree_hashes(folder, exclude=(MANIFEST,)))
+    present = set(tree_hashes(folder, exclude=(MANIFEST, SIGNATURE_FILE)))
     problems += [
         f"{rel}: not listed in the manifest" for rel in sorted(present - set(manifest["files"]))
     ]
@@ -72,12 +77,16 @@ def check_hashes(folder: Path, manifest: dict) -> list[str]:
 
 @dataclass
 class OnnxBundle:
-    """A bundle opened for inference: its contract, manifest and an ONNX Runtime runner."""
+    """A bundle opened for inference: its contract, manifest and an ONNX Runtime runner.
+
+    `signature`: "unsigned", "signed, not checked" or "verified with key sha256:<fingerprint>".
+    """
 
     path: Path
     manifest: dict
     contract: InferenceContract
     runtime: Runtime
+    signature: str = "unsigned"
 
     def predict(
         self,
@@ -90,13 +99,25 @@ class OnnxBundle:
         return self.runtime.run(volume, affine, output)
 
 
-def load_bundle(path: Path, device: str = "auto", threads: int | None = None) -> OnnxBundle:
-    """Open a bundle: hashes first, then the contract from model.onnx (must match contract.json)."""
+def load_bundle(
+    path: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    trusted_key: Path | str | None = None,
+) -> OnnxBundle:
+    """Open a bundle: hashes first, then the signature, then the contract from model.onnx (must
+    match contract.json).
+
+    `trusted_key`: a public key PEM the bundle must be signed with (default: the path in
+    CLINBUNDLE_TRUSTED_KEY, if set); without one an unsigned bundle opens as before.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     problems = check_hashes(path, manifest)
     if problems:
         raise BundleError(f"{path} failed verification:\n  - " + "\n  - ".join(problems))
+    signature = check_signature(path, trusted_key)
+    log.info("%s: signature %s", path, signature)
     if not (path / MODEL_FILE).is_file():
         raise BundleError(f"{path} has no {MODEL_FILE}")
     try:
@@ -108,4 +129,4 @@ def load_bundle(path: Path, device: str = "auto", threads: int | None = None) ->
         raise BundleError(f"{MODEL_FILE}: its embedded contract differs from {CONTRACT_FILE}")
     runtime = onnx_runtime(onnx_session(path / MODEL_FILE, device, threads), contract)
     log.info("opened %s (%d files checked)", path, len(manifest["files"]))
-    return OnnxBundle(path, manifest, contract, runtime)
+    return OnnxBundle(path, manifest, contract, runtime, signature)

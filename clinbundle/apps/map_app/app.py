@@ -56,6 +56,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "series-selection": None,
     # true: several candidate series are an error instead of a deterministic choice
     "series-strict": False,
+    # a public key PEM the bundle must be signed with (relative to the app config); None:
+    # CLINBUNDLE_TRUSTED_KEY if set, else any bundle loads and its signature state is logged
+    "trusted-key": None,
 }
 
 #: SEG coding of a label the contract gives no code for: a generic anatomical structure
@@ -67,7 +70,8 @@ STAGING_PREFIX = ".partial-"
 
 
 def app_config() -> dict[str, Any]:
-    """The `clinbundle` section of the app config (HOLOSCAN_CONFIG_PATH, as in the MAP)."""
+    """The `clinbundle` section of the app config (HOLOSCAN_CONFIG_PATH, as in the MAP); a
+    relative `trusted-key` is resolved against the config file's folder."""
     path = os.environ.get("HOLOSCAN_CONFIG_PATH")
     if not path:
         return dict(DEFAULT_CONFIG)
@@ -75,7 +79,10 @@ def app_config() -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise MapInputError(f"app config {path} cannot be read ({e})") from None
-    return DEFAULT_CONFIG | (data.get("clinbundle") or {})
+    config = DEFAULT_CONFIG | (data.get("clinbundle") or {})
+    if config["trusted-key"]:
+        config["trusted-key"] = Path(path).resolve().parent / Path(config["trusted-key"])
+    return config
 
 
 def find_bundle(model_path: Path, name: str | None) -> Path:
@@ -193,9 +200,12 @@ class SegmentationApp(Application):
         config = app_config()
         scan = scan_input(input_path)
         bundle = load_bundle(
-            find_bundle(Path(context.model_path), config["model"]), config["device"]
+            find_bundle(Path(context.model_path), config["model"]),
+            config["device"],
+            trusted_key=config["trusted-key"],
         )
         log.info("clinbundle %s from %s", clinbundle.__version__, Path(clinbundle.__file__).parent)
+        log.info("bundle %s: signature %s", bundle.path, bundle.signature)
 
         self.staging = self.make_staging(output_path)
 
