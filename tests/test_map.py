@@ -215,10 +215,11 @@ def test_dicom_series_gives_a_seg_with_the_source_geometry(
     seg = hd.seg.segread(segs[0])
     model = packaged.model
     assert seg.SegmentSequence[0].SegmentLabel == model.contract.labels["1"]
-    # no label code in this contract: the generic code, never a guess from the label's name
-    assert not model.contract.label_codes
+    # the code dataset.json gives the label (SNOMED CT "Blood vessel"), through the contract
+    want = model.contract.label_codes["1"]
     type_code = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
-    assert (type_code.CodingSchemeDesignator, type_code.CodeValue) == ("SCT", "91723000")
+    assert (type_code.CodingSchemeDesignator, type_code.CodeValue) == (want.scheme, want.value)
+    assert (want.scheme, want.value) == ("SCT", "59820001")
     dciodvfy = shutil.which("dciodvfy")
     assert dciodvfy, "dciodvfy (Debian's dicom3tools) is missing: run `make system-deps`"
     check = subprocess.run([dciodvfy, str(segs[0])], capture_output=True, text=True)
@@ -344,3 +345,14 @@ def test_map_segments_the_same_vessels_and_a_whole_ct_on_their_own_grids(
         return np.asarray(seg.dataobj)
 
     assert_same_vessels(mean_dice_by_variant(variants, segment))
+
+
+def test_a_label_without_a_code_is_a_generic_anatomical_structure(packaged) -> None:
+    """Never a guess from the label's text: no code in the contract -> SCT 91723000."""
+    from clinbundle.apps.map_app.app import segment_descriptions
+
+    bundle = load_bundle(packaged.bundle, "cpu")
+    bundle.contract = bundle.contract.model_copy(update={"label_codes": {}})
+    [segment] = segment_descriptions(bundle)
+    [code] = segment.SegmentedPropertyTypeCodeSequence
+    assert (code.CodingSchemeDesignator, code.CodeValue) == ("SCT", "91723000")
