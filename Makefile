@@ -6,6 +6,10 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# cyclonedx-bom in a venv of its own (see clinbundle/packaging/sbom.py): packaging writes each
+# bundle's SBOM with it
+SBOM_VENV := .venv-sbom
+export CLINBUNDLE_SBOM_PYTHON ?= $(abspath $(SBOM_VENV))/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install quickstart test test-fast lint bench containers clean system-deps
@@ -14,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
 	$(BIN)/python -c "import clinbundle, monai, mlflow, onnxruntime"
+	$(PYTHON) -m venv $(SBOM_VENV)
+	$(SBOM_VENV)/bin/python -m pip install -q "cyclonedx-bom>=7,<8"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
