@@ -158,6 +158,15 @@ def bento_archive(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return archive
 
 
+def package_champion(trained: Trained, kind: str, out: Path, *extra: str) -> int:
+    """`clinbundle package KIND` of the session champion on the CPU (the CLI's exit code)."""
+    from clinbundle.cli import main
+
+    model = f"models:/{trained.name}@champion"
+    args = ["package", kind, "--model", model, "--out", str(out), "--workdir", str(trained.workdir)]
+    return main([*args, "--device", "cpu", *extra])
+
+
 def geometry_variants(data_root: Path) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """The held-out vessels as stored, resampled to 0.5 x 0.5 x 2.5 mm, and stored LPS:
     (variant, raw image, truth on that grid, affine) for each case."""

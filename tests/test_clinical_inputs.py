@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from clinbundle.packaging.bento import free_port
+from clinbundle.packaging.bento import free_port, stop_process_group
 from clinbundle.runtime.bundle_reader import load_bundle
 from clinbundle.training.synth import synthetic_ct
 
@@ -112,8 +112,7 @@ def served(bento_archive: Path, tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.5)
         yield url, log
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        stop_process_group(proc)
 
 
 def _post_nifti(url: str, image: np.ndarray, affine: np.ndarray, **data) -> httpx.Response:

@@ -37,6 +37,8 @@ from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.runners import Runtime
 from clinbundle.training.synth import synthesize_volume
 
+from conftest import package_champion
+
 pytestmark = pytest.mark.slow
 
 
@@ -44,20 +46,7 @@ pytestmark = pytest.mark.slow
 def map_dir(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
     t = packaged.trained
     out = tmp_path_factory.mktemp("map") / "ctx"
-    rc = main(
-        [
-            "package",
-            "map",
-            "--model",
-            f"models:/{t.name}@champion",
-            "--out",
-            str(out),
-            "--workdir",
-            str(t.workdir),
-            "--device",
-            "cpu",
-        ]
-    )
+    rc = package_champion(t, "map", out)
     assert rc == 0
     return out
 

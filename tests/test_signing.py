@@ -26,13 +26,15 @@ import yaml
 
 from clinbundle.apps import http_io
 from clinbundle.cli import main
-from clinbundle.packaging.bento import free_port
+from clinbundle.packaging.bento import free_port, stop_process_group
 from clinbundle.packaging.sbom import SBOM_FILE
 from clinbundle.packaging.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 from clinbundle.runtime.bundle_reader import load_bundle, read_manifest
 from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import sha256_file
 from clinbundle.runtime.signature import SIGNATURE_FILE, TRUSTED_KEY_ENV, key_fingerprint
+
+from conftest import package_champion
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +53,7 @@ def signed_bundle(packaged, keys, tmp_path_factory: pytest.TempPathFactory) -> P
     """`clinbundle package onnx --sign-key A` on the session champion."""
     t = packaged.trained
     out = tmp_path_factory.mktemp("signed") / "onnx"
-    rc = main(
-        [
-            "package",
-            "onnx",
-            "--model",
-            f"models:/{t.name}@champion",
-            "--out",
-            str(out),
-            "--workdir",
-            str(t.workdir),
-            "--device",
-            "cpu",
-            "--sign-key",
-            str(keys["a"][0]),
-        ]
-    )
+    rc = package_champion(t, "onnx", out, "--sign-key", str(keys["a"][0]))
     assert rc == 0
     return out
 
@@ -178,26 +165,9 @@ def test_every_onnx_bundle_carries_an_sbom_in_its_manifest(packaged) -> None:
 def signed_map(packaged, keys, tmp_path_factory: pytest.TempPathFactory) -> Path:
     t = packaged.trained
     out = tmp_path_factory.mktemp("map-signed") / "ctx"
-    rc = main(
-        [
-            "package",
-            "map",
-            "--model",
-            f"models:/{t.name}@champion",
-            "--out",
-            str(out),
-            "--workdir",
-            str(t.workdir),
-            "--device",
-            "cpu",
-            "--sign-key",
-            str(keys["a"][0]),
-            # signing is under test here, not parity (test_map.py): the tiny session model's
-            # borderline voxels may flip on the oblique NIfTI/DICOM round trips
-            "--max-flips",
-            "0.05",
-        ]
-    )
+    # signing is under test here, not parity (test_map.py): the tiny session model's
+    # borderline voxels may flip on the oblique NIfTI/DICOM round trips
+    rc = package_champion(t, "map", out, "--sign-key", str(keys["a"][0]), "--max-flips", "0.05")
     assert rc == 0
     return out
 
@@ -322,11 +292,4 @@ def test_bento_carries_the_sbom_and_refuses_an_unsigned_bundle_when_a_key_is_set
         # in the server log (bentos/service.py could pass it on, as ClientError does for 4xx)
         assert "is not signed" in log.read_text(errors="replace")
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
