@@ -5,3 +5,7 @@ Kept import-light on purpose: the servable model carries a copy of the runtime m
 """
 
 __version__ = "0.1.0"
+
+from clinbundle.runtime.quiet_monai import hold_out_map_sdk
+
+hold_out_map_sdk()  # `import monai` imports the MAP SDK (holoscan) only where a MAP needs it

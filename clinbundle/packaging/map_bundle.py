@@ -37,7 +37,6 @@ import importlib.metadata as md
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from clinbundle.packaging.parity import (
 from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
 from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.quiet_monai import raise_stack_limit
 from clinbundle.runtime.runners import Runtime
 from clinbundle.vendoring import vendor_runtime
 
@@ -76,7 +76,6 @@ DEFAULT_BASE_IMAGE = "nvcr.io/nvidia/cuda:13.0.1-runtime-ubuntu24.04"
 DICOM_CASE = "odd"  # the parity case that is also sent as a DICOM series
 #: What holoscan-cu13 needs on a base image without CUDA 13 (CPU-only hosts, CI's stand-in).
 CUDART_REQUIREMENT = "nvidia-cuda-runtime==13.0.*"
-STACK_BYTES = 32 * 1024 * 1024  # holoscan warns (and may crash) below a 32 MiB stack
 APP_RUN_TIMEOUT_S = 600
 
 
@@ -225,13 +224,6 @@ def dockerfile(app_json: dict, model_name: str, title: str, version: str) -> str
     return "\n".join(lines)
 
 
-def _raise_stack_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    want = STACK_BYTES if hard == resource.RLIM_INFINITY else min(STACK_BYTES, hard)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
-
-
 def run_map(
     map_dir: Path,
     input_dir: Path,
@@ -272,7 +264,7 @@ def run_map(
             capture_output=True,
             text=True,
             timeout=timeout,
-            preexec_fn=_raise_stack_limit,
+            preexec_fn=raise_stack_limit,
             check=False,
         )
 
