@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from clinbundle.cli_help import add_examples, extra_of, missing_extra, require_extras, version_text
 from clinbundle.runtime.errors import ClinbundleError, Preempted
 
 
@@ -345,6 +346,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clinbundle", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=version_text())
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -505,7 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved training config")
     overrides(c)
     c.set_defaults(func=cmd_config)
+    add_examples(p)
     return p
+
+
+def _command_path(args: argparse.Namespace) -> tuple[str, ...]:
+    """The sub-command names given, e.g. ("package", "bento")."""
+    names = (args.command, *(getattr(args, k, None) for k in ("data_cmd", "format", "keys_cmd")))
+    return tuple(n for n in names if n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,7 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "workdir"):
         _keep_inside(_workdir(args))
     try:
+        require_extras(_command_path(args))
         return args.func(args)
+    except ModuleNotFoundError as e:  # an optional extra's module, imported deeper down
+        if extra_of(e.name) is None:
+            raise
+        print(f"error: {missing_extra(extra_of(e.name), e.name)}", file=sys.stderr)
+        return 2
     except Preempted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code

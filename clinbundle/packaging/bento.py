@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from tqdm import tqdm
 
 import clinbundle
 from clinbundle.apps.http_io import BUNDLE_DIR
@@ -168,6 +169,11 @@ def stage_build_context(ctx: Path, model_tag: str) -> Path:
     return path
 
 
+def _next(bar: tqdm, step: str) -> None:
+    bar.update()
+    bar.set_description(step)
+
+
 def build_bento(
     model: ResolvedModel,
     onnx_bundle: Path,
@@ -191,8 +197,10 @@ def build_bento(
     tol = tolerances or Tolerances.for_precision("fp32")
     reference = reference or parity_reference(model, validation_limit)
     cases = reference.cases
-    with staged_folder(out, force=force) as tmp:
+    steps = tqdm(total=4, desc="bento: import model", unit="step", leave=False, disable=None)
+    with staged_folder(out, force=force) as tmp, steps:
         model_tag = import_bundle(onnx_bundle, model, sign_key)
+        _next(steps, "bento: build")
         ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))
         bentofile = stage_build_context(ctx, model_tag)
         env = {"CLINBUNDLE_BENTO_MODEL": model_tag}
@@ -201,6 +209,7 @@ def build_bento(
         shutil.rmtree(ctx)
         tag = str(bento.tag)
         log.info("built bento %s", tag)
+        _next(steps, "bento: serve and check parity over HTTP")
         try:
             with running_bento(tag, env, log_file=tmp / "parity-server.log") as url:
                 candidate = http_runtime(url, model.contract)
@@ -222,7 +231,9 @@ def build_bento(
         sbom = write_sbom(tmp / SBOM_FILE)
         shutil.copy(sbom, inside.parent / SBOM_FILE)
         archive = tmp / f"{tag.replace(':', '-')}.bento"
+        _next(steps, "bento: export")
         bentoml.export_bento(tag, str(archive))
+        steps.update()
         (tmp / "BENTO_TAG").write_text(tag + "\n")
     return out / archive.name, report
 

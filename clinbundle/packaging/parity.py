@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import compute_dice
+from tqdm import tqdm
 
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.labels import labels_from_probabilities
@@ -279,7 +280,8 @@ def check_parity(
     if isinstance(reference, Runtime):
         reference = Reference(reference, [])
     cases = []
-    for case in volumes:
+    bar = tqdm(volumes, desc=f"parity {format}", unit="case", leave=False, disable=None)
+    for case in bar:  # a bar on a terminal only (disable=None); the log has every case
         ref, t_ref = reference.output(case.volume, case.affine)
         cand, t_cand = _timed(candidate.run, case.volume, case.affine)
         result = compare(case, ref, cand, contract, tolerances, (t_ref, t_cand))
