@@ -12,11 +12,11 @@ import clinbundle
 RUNTIME_LIBRARIES = ("clinbundle", "torch", "monai", "numpy", "onnx", "onnxruntime", "mlflow")
 
 
-def git_commit() -> str:
-    """The commit of the clinbundle source tree, or 'unknown' outside a git checkout."""
+def _git(*args: str) -> str:
+    """A git command's output in the clinbundle source tree, or 'unknown' outside a checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(clinbundle.__file__).parent,
             capture_output=True,
             text=True,
@@ -25,6 +25,19 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the clinbundle source tree, or 'unknown' outside a git checkout."""
+    return _git("rev-parse", "HEAD")
+
+
+def git_state() -> dict[str, str]:
+    """Branch and whether the tree had uncommitted changes: a run's numbers come from the
+    commit only when `git_dirty` is false."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = "unknown" if status == "unknown" else str(bool(status)).lower()
+    return {"git_branch": _git("rev-parse", "--abbrev-ref", "HEAD"), "git_dirty": dirty}
 
 
 def library_versions(names: tuple[str, ...] = RUNTIME_LIBRARIES) -> dict[str, str]:

@@ -33,6 +33,7 @@ TINY = [
     "train.lr=0.003",
     "tracking.experiment=tests",
     "tracking.model_name=tiny-vessels",
+    "tracking.system_metrics_interval_s=2",  # a short run still gets system metrics
 ]
 
 

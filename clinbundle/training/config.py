@@ -87,6 +87,9 @@ class TrackingConfig(_Section):
     outage_limit_s: float = Field(600.0, ge=0)
     # per-request timeout of MLflow's HTTP client (MLFLOW_HTTP_REQUEST_TIMEOUT) for remote servers
     http_timeout_s: int = Field(30, ge=1)
+    # MLflow system metrics (CPU, memory, disk, network, GPU) sampled during training
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 class Config(_Section):

@@ -27,13 +27,18 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import clinbundle
-from clinbundle.provenance import git_commit
+from clinbundle.provenance import git_commit, git_state
 from clinbundle.registry import register_challenger
 from clinbundle.runtime.errors import Preempted, TrackingError
 from clinbundle.servable import log_segmentation_model
 from clinbundle.training.callbacks import Callback, TrainState
 from clinbundle.training.config import config_to_yaml
 from clinbundle.training.metrics import DIRECTIONS
+from clinbundle.training.run_page import (
+    OverlayLogger,
+    log_dataset_input,
+    model_summary,
+)
 from clinbundle.training.spool import RunSpool, configure_http, is_remote, restore_http
 
 log = logging.getLogger("clinbundle.tracking")
@@ -91,16 +96,24 @@ class MLflowCallback(Callback):
         self.run_id: str | None = resume_run_id
         self.spool: RunSpool | None = None
         self._http: dict[str, str | None] = {}
+        self.overlays: OverlayLogger | None = None
 
     def on_train_begin(self, state: TrainState) -> None:
         cfg = state.config
         uri = mlflow.get_tracking_uri()
         if is_remote(uri):
             self._http = configure_http(cfg.tracking.http_timeout_s)
+        if cfg.tracking.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+        self.overlays = OverlayLogger(state.split["val"], state.out_dir / "val_predictions")
         if self.resume_run_id:
             self._resume_begin(state, uri)
         else:
-            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name)
+            run = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=self.run_name,
+                log_system_metrics=cfg.tracking.system_metrics,
+            )
             self.run_id = run.info.run_id
             self.spool = RunSpool(
                 self.run_id, uri, state.out_dir / "spool", cfg.tracking.outage_limit_s
@@ -111,7 +124,9 @@ class MLflowCallback(Callback):
     def _resume_begin(self, state: TrainState, uri: str) -> None:
         assert self.resume_run_id is not None
         client = MlflowClient()
-        run = mlflow.start_run(run_id=self.resume_run_id)  # the same run, RUNNING again
+        run = mlflow.start_run(  # the same run, RUNNING again
+            run_id=self.resume_run_id, log_system_metrics=state.config.tracking.system_metrics
+        )
         resumes = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
         keys = {k for h in state.history for k in h if k != "epoch"}
         keys |= {f"best_{m}" for m in DIRECTIONS}
@@ -194,15 +209,18 @@ class MLflowCallback(Callback):
                 "git_commit": git_commit(),
                 "dataset_hash": ds.sha256,
                 "clinbundle_version": clinbundle.__version__,
+                **git_state(),
                 STATUS_TAG: "training",
             }
         )
+        log_dataset_input(ds, len(state.split["train"]), len(state.split["val"]))
         decisions = {k: vars(d) for k, d in comp.decisions.items()}
         mlflow.log_text(config_to_yaml(cfg), "config/config.yaml")
         mlflow.log_dict({"compute_decisions": decisions}, "config/compute_decisions.json")
         mlflow.log_text(c.to_json(), "config/inference_contract.json")
         mlflow.log_dict(system_info(), "environment/system_info.json")
         mlflow.log_text(frozen_requirements(), "environment/requirements-frozen.txt")
+        mlflow.log_text(model_summary(c), "model_summary.txt")
 
     def on_artifact(self, state: TrainState, path: Path, artifact_dir: str) -> None:
         assert self.spool is not None
@@ -214,6 +232,8 @@ class MLflowCallback(Callback):
     def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         assert self.spool is not None
         self.spool.log_metrics(metrics, step=state.epoch)
+        if "dice" in metrics and self.overlays and self.spool.outage_since is None:
+            self.overlays.log(state.epoch)  # validated this epoch: its predictions are on disk
 
     def on_train_end(self, state: TrainState) -> None:
         assert self.spool is not None and self.run_id is not None
