@@ -1,5 +1,9 @@
 """BentoML service: a clinbundle ONNX bundle behind HTTP (one file; the work is in http_io).
 
+The image is declared here with the SDK (`bentoml.images.Image`): Python 3.11 and the packages
+of requirements.txt, which `clinbundle package bento` pins to the versions its HTTP parity check
+ran on; locking stays off so the build needs no package index.
+
 Inference is the bundle's runner, i.e. the shared sliding-window path on ONNX Runtime (CUDA when
 present, else CPU; logged), so the service answers exactly what the ONNX bundle answers. The
 model loads in a background thread: /readyz is 503 until it is loaded and warmed up.
@@ -18,9 +22,11 @@ import os
 import threading
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from pydantic import Field
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -36,9 +42,16 @@ log.info(
     http_io.MAX_VOXELS,
     http_io.LEDGER.budget / 2**30,
 )
-MODEL = bentoml.models.BentoModel(
-    os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")
+MODEL_TAG = os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")
+MODEL = bentoml.models.BentoModel(MODEL_TAG)
+IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).requirements_file(
+    str(Path(__file__).with_name("requirements.txt"))
 )
+Volume = Annotated[Path, Field(description="a 3-D volume: .nii, .nii.gz or float .npy")]
+Array = Annotated[Path, Field(description="float32 .npy: (D, H, W) or (N, C, D, H, W)")]
+Probabilities = Annotated[
+    bool, Field(description="return float32 probabilities (D, H, W, K) instead of labels")
+]
 
 
 class ClientError(BentoMLException):
@@ -53,7 +66,14 @@ async def metadata(_request) -> JSONResponse:
 
 
 @bentoml.asgi_app(Starlette(routes=[Route("/", metadata)]), path="/metadata")
-@bentoml.service(traffic={"timeout": 600, "max_concurrency": http_io.MAX_CONCURRENCY})
+@bentoml.service(
+    name="clinbundle-segmentation",
+    description="3D segmentation over HTTP from a parity-checked clinbundle ONNX bundle",
+    image=IMAGE,
+    envs=[{"name": "CLINBUNDLE_BENTO_MODEL", "value": MODEL_TAG}],
+    labels={"owner": "clinbundle"},
+    traffic={"timeout": 600, "max_concurrency": http_io.MAX_CONCURRENCY},
+)
 class Segmentation:
     bundle_model = MODEL
 
@@ -86,7 +106,9 @@ class Segmentation:
             ) from None
 
     @bentoml.api(route="/segment")
-    def segment(self, file: Path, probabilities: bool = False, ctx: bentoml.Context = None) -> Path:
+    def segment(
+        self, file: Volume, probabilities: Probabilities = False, ctx: bentoml.Context = None
+    ) -> Path:
         """A 3-D .nii/.nii.gz/.npy -> uint8 label NIfTI with the input's affine, or float32
         (D, H, W, K) probabilities with probabilities=true."""
 
@@ -98,7 +120,7 @@ class Segmentation:
 
     @bentoml.api(route="/segment_array")
     def segment_array(
-        self, array: Path, probabilities: bool = False, ctx: bentoml.Context = None
+        self, array: Array, probabilities: Probabilities = False, ctx: bentoml.Context = None
     ) -> Path:
         """float32 .npy (D, H, W) or (N, C, D, H, W) -> uint8 labels (or probabilities) .npy."""
         return self._run(http_io.segment_npy, array, probabilities, ctx.temp_dir)

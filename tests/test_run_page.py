@@ -3,6 +3,7 @@ summary, git state, and a validation overlay per validated epoch, on the session
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -62,3 +63,24 @@ def test_each_validated_epoch_has_an_overlay_of_the_first_val_case(tracking, tmp
         expected = overlay(image, z["labels"], truth)
     assert logged.shape == expected.shape and expected.shape[1] > 3 * 256
     assert np.array_equal(logged, expected)
+
+
+def test_a_packaged_version_has_parity_plots_in_bundle_card_and_run(packaged, tracking) -> None:
+    from clinbundle.packaging.parity_plots import FLIP_MAP_PNG, HISTOGRAM_PNG
+
+    report, k = packaged.report, packaged.model.contract.num_classes
+    for c in report.cases:  # the plots' numbers are the comparison's, every value counted once
+        n, _, d, h, w = c.shape
+        assert sum(c.diff_histogram) == n * k * d * h * w
+        assert c.flip_map.shape == (d, h) and int(c.flip_map.sum()) == c.flips
+    bundle = packaged.bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    card = (bundle / "README.md").read_text()
+    for name in (HISTOGRAM_PNG, FLIP_MAP_PNG):
+        png = Image.open(bundle / "parity" / name)
+        assert png.format == "PNG" and min(png.size) >= 200
+        assert f"parity/{name}" in manifest["files"] and f"](parity/{name})" in card
+    t = packaged.trained
+    where = f"parity/onnx/v{packaged.model.version}"
+    logged = {Path(a.path).name for a in MlflowClient().list_artifacts(t.run_id, where)}
+    assert {HISTOGRAM_PNG, FLIP_MAP_PNG} <= logged, logged

@@ -1,7 +1,7 @@
 """Champion -> BentoML bento, proven over real HTTP, exported as a `.bento` archive.
 
     ONNX bundle (reused or made) -> BentoML model store (in the work dir)
-    -> staged build context: bentos/service.py + bentofile (pinned) + clinbundle
+    -> staged build context: bentos/service.py + requirements.txt (pinned) + clinbundle
     -> bentoml build (offline) -> `bentoml serve` on 127.0.0.1 -> parity over HTTP
     -> report into the bento and onto the model version -> bentoml export -> OUT/
 
@@ -59,6 +59,14 @@ BENTO_MODEL = "clinbundle-onnx"
 #: What the service imports of clinbundle besides the runtime core.
 SERVICE_MODULES = ("apps/__init__.py", "apps/http_io.py")
 SERVICE_DIR = Path(clinbundle.__file__).resolve().parents[1] / "bentos"
+#: What of the staged build context goes into the bento (not the build's __pycache__).
+BENTO_INCLUDE = [
+    "service.py",
+    "requirements.txt",
+    "clinbundle/**/*.py",
+    "clinbundle/configs/*.yaml",
+    "parity/*",
+]
 
 
 def free_port() -> int:
@@ -151,8 +159,8 @@ def import_bundle(bundle: Path, model: ResolvedModel, sign_key: Path | None = No
     return str(m.tag)
 
 
-def stage_build_context(ctx: Path, model_tag: str) -> Path:
-    """bentos/ + the clinbundle package, with the bentofile's packages pinned."""
+def stage_build_context(ctx: Path) -> None:
+    """bentos/ + the clinbundle package, with the service's requirements pinned."""
     if not (SERVICE_DIR / "service.py").is_file():
         raise BundleError(
             f"{SERVICE_DIR} with service.py was not found: package bentos from a clinbundle "
@@ -160,13 +168,10 @@ def stage_build_context(ctx: Path, model_tag: str) -> Path:
         )
     shutil.copy(SERVICE_DIR / "service.py", ctx / "service.py")
     vendor_runtime(ctx, extra=SERVICE_MODULES)
-    config = yaml.safe_load((SERVICE_DIR / "bentofile.yaml").read_text())
-    config["python"]["packages"] = pinned(config["python"]["packages"])
-    config["envs"] = [{"name": "CLINBUNDLE_BENTO_MODEL", "value": model_tag}]
+    lines = (SERVICE_DIR / "requirements.txt").read_text().splitlines()
+    names = [n for n in (line.split("#")[0].strip() for line in lines) if n]
+    (ctx / "requirements.txt").write_text("".join(p + "\n" for p in pinned(names)))
     (ctx / "parity").mkdir(exist_ok=True)
-    path = ctx / "bentofile.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _next(bar: tqdm, step: str) -> None:
@@ -202,10 +207,12 @@ def build_bento(
         model_tag = import_bundle(onnx_bundle, model, sign_key)
         _next(steps, "bento: build")
         ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))
-        bentofile = stage_build_context(ctx, model_tag)
+        stage_build_context(ctx)
         env = {"CLINBUNDLE_BENTO_MODEL": model_tag}
-        os.environ.update(env)  # the service module reads it when the build imports it
-        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(ctx))
+        os.environ.update(env)  # the service reads it when the build imports it (its envs)
+        bento = bentoml.bentos.build(
+            "service:Segmentation", include=BENTO_INCLUDE, build_ctx=str(ctx)
+        )
         shutil.rmtree(ctx)
         tag = str(bento.tag)
         log.info("built bento %s", tag)

@@ -115,6 +115,9 @@ Overall max abs difference {o["max_abs"] if o["max_abs"] is None else f"{o['max_
 
 Full report: `parity/parity_report.md` and `.json`.
 
+![Differences per case](parity/parity_diff_histogram.png)
+![Flipped labels per case](parity/parity_flip_map.png)
+
 ## Limitations
 - Volumes without geometry (a bare array, a .npy upload) are taken to be on the training grid
   ({geometry_text}); give NIfTI or DICOM so the spacing and orientation are known.

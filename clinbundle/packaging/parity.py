@@ -22,6 +22,7 @@ import torch
 from monai.metrics import compute_dice
 from tqdm import tqdm
 
+from clinbundle.packaging.parity_plots import diff_histogram, flip_projection, write_parity_plots
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.labels import labels_from_probabilities
 from clinbundle.runtime.runners import Runtime
@@ -67,6 +68,8 @@ class CaseResult:
     time_reference_s: float
     time_candidate_s: float
     failures: list[str] = field(default_factory=list)
+    diff_histogram: list[int] = field(default_factory=list)  # parity_plots.DIFF_BINS
+    flip_map: np.ndarray | None = field(default=None, repr=False, compare=False)  # not in JSON
 
     @property
     def passed(self) -> bool:
@@ -128,7 +131,10 @@ class ParityReport:
             "candidate": self.candidate,
             "tolerances": asdict(self.tolerances),
             "overall": self.overall(),
-            "cases": [asdict(c) | {"passed": c.passed} for c in self.cases],
+            "cases": [
+                {k: v for k, v in asdict(c).items() if k != "flip_map"} | {"passed": c.passed}
+                for c in self.cases
+            ],
         }
 
     def to_markdown(self) -> str:
@@ -163,7 +169,7 @@ class ParityReport:
         js, md = folder / "parity_report.json", folder / "parity_report.md"
         js.write_text(json.dumps(self.to_dict(), indent=2))
         md.write_text(self.to_markdown())
-        return [js, md]
+        return [js, md, *write_parity_plots(self, folder)]
 
 
 def _fmt(x: float | None) -> str:
@@ -200,9 +206,11 @@ def compare(
     if cand_labels.shape != ref_labels.shape:
         raise ValueError(f"{case.name}: candidate shape {cand.shape}, reference {ref.shape}")
     max_abs = p999 = None
+    histogram: list[int] = []
     if has_probs:
         diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
         max_abs, p999 = float(diff.max()), float(np.quantile(diff, 0.999))
+        histogram = diff_histogram(diff)
     flips = int((ref_labels != cand_labels).sum())
     k = contract.num_classes
     onehot = [
@@ -227,6 +235,8 @@ def compare(
         dice=dice,
         time_reference_s=times[0],
         time_candidate_s=times[1],
+        diff_histogram=histogram,
+        flip_map=flip_projection(ref_labels, cand_labels),
     )
     if tol.max_abs is not None and max_abs is not None and max_abs > tol.max_abs:
         res.failures.append(f"max abs {max_abs:.2e} > {tol.max_abs:.0e}")
