@@ -50,12 +50,12 @@ def test_each_validated_epoch_has_an_overlay_of_the_first_val_case(tracking, tmp
     steps = sorted(
         int(m.group(1))
         for p in images
-        if (m := re.search(rf"{OVERLAY_KEY}%step%(\d+)%.*\.png$", p)) and "compressed" not in p
+        if (m := re.search(rf"{OVERLAY_KEY}\+step\+(\d+)\+.*\.png$", p)) and "compressed" not in p
     )
     assert steps == validated and len(validated) >= 2, images
 
     # the last one is exactly the overlay of the last validation's prediction of that case
-    last = next(p for p in images if f"%step%{validated[-1]}%" in p and "compressed" not in p)
+    last = next(p for p in images if f"+step+{validated[-1]}+" in p and "compressed" not in p)
     logged = np.asarray(Image.open(client.download_artifacts(tracking.run_id, last, tmp_path)))
     pair = state.split["val"][0]
     image, truth = (np.asarray(nib.load(pair[k]).dataobj) for k in ("image", "label"))

@@ -37,6 +37,10 @@ from clinbundle.training.config import DataConfig
 
 Item = dict[str, str]
 
+#: The reader of the files `read_dataset` checked with nibabel; named, MONAI also does not
+#: construct its DICOM readers (with pydicom installed one warns about nvImageCodec).
+READER = "NibabelReader"
+
 
 @dataclass
 class Dataset:
@@ -290,7 +294,7 @@ def train_transforms(
     draw random patches."""
     return Compose(
         [
-            LoadImaged(keys=["image", "label"], image_only=True),
+            LoadImaged(keys=["image", "label"], image_only=True, reader=READER),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
             *(to_grid or []),
             EnsureTyped(keys=["image", "label"], track_meta=False),
@@ -315,7 +319,7 @@ def val_transforms() -> Compose:
     path, which resamples and normalises itself and answers on the case's grid."""
     return Compose(
         [
-            LoadImaged(keys=["image", "label"], image_only=True),
+            LoadImaged(keys=["image", "label"], image_only=True, reader=READER),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
         ]
     )

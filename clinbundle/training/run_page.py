@@ -9,6 +9,7 @@ to train, so a failure to render or log is a warning, never a failed run.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -32,8 +33,13 @@ DIGEST_CHARS = 16
 def log_dataset_input(ds: Dataset, num_train: int, num_val: int) -> None:
     """The data folder as the run's `training` input: its path, and the SHA-256 over every
     image and label file (the digest shows its start, the `sha256` input tag all of it)."""
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source for both "" and "file" schemes and then
+        # warns that a path is ambiguous between the two (identical) classes
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(str(ds.root))
     dataset = MetaDataset(
-        source=resolve_dataset_source(str(ds.root)),
+        source=source,
         name=Path(ds.root).name,
         digest=ds.sha256[:DIGEST_CHARS],
     )
