@@ -517,3 +517,26 @@ def test_schemathesis_finds_no_server_error(server: Server, tmp_path: Path) -> N
     tested = re.search(r"Tested: (\d+)", r.stdout)
     assert tested and int(tested[1]) >= 2 and " generated" in r.stdout, r.stdout[-3000:]
     assert _post(server.url, "/segment", _npy(_volume((24, 24, 24), seed=12))).status_code == 200
+
+
+def test_image_and_typed_inputs_are_declared_with_the_sdk(server: Server) -> None:
+    """Issue 18: the image comes from service.py (`bentoml.images.Image`, pinned, no lock),
+    and the arguments' types are checked by BentoML before the service code runs."""
+    import importlib.metadata as md
+
+    from clinbundle.packaging.bento import SERVICE_DIR
+    from clinbundle.packaging.bento_image import bento_pins
+
+    pins = bento_pins(server.archive)
+    for name in ("bentoml", "onnxruntime", "monai", "nibabel"):
+        assert f"{name}=={md.version(name)}" in pins, pins
+    # exactly bentos/requirements.txt, pinned: a lock would have added their dependencies
+    wanted = (SERVICE_DIR / "requirements.txt").read_text().splitlines()
+    assert len(pins) == len([w for w in wanted if w.split("#")[0].strip()]), pins
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    schema = httpx.get(server.url + "/docs.json", headers=auth, timeout=30).json()
+    assert "a 3-D volume: .nii, .nii.gz or float .npy" in json.dumps(schema)
+    good = _npy(_volume((24, 24, 24), seed=13))
+    r = _post(server.url, "/segment", good, probabilities="perhaps")
+    assert r.status_code == 400, (r.status_code, r.text[:500])
+    assert _post(server.url, "/segment", good, probabilities="true").status_code == 200
