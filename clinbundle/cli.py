@@ -157,6 +157,22 @@ def _tolerances(args: argparse.Namespace):
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
+def _runtime_options(args: argparse.Namespace):
+    """Runtime candidates at packaging (see clinbundle.packaging.runtime_candidates)."""
+    import dataclasses
+
+    from clinbundle.packaging.onnx_bundle import RuntimeOptions
+    from clinbundle.packaging.runtime_candidates import BF16_TOLERANCES
+
+    bf16 = BF16_TOLERANCES
+    if args.bf16_max_abs is not None:
+        bf16 = dataclasses.replace(bf16, max_abs=args.bf16_max_abs)
+    shape = tuple(args.bench_shape) if args.bench_shape else None
+    if shape is not None and min(shape) < 1:
+        raise ClinbundleError(f"--bench-shape {list(shape)}: sizes must be >= 1")
+    return RuntimeOptions(not args.onnxruntime_only, args.threads, shape, bf16)
+
+
 def cmd_package_onnx(args: argparse.Namespace) -> int:
     from clinbundle.packaging.onnx_bundle import build_onnx_bundle
 
@@ -171,6 +187,7 @@ def cmd_package_onnx(args: argparse.Namespace) -> int:
         validation_limit=args.validation_volumes,
         force=args.force,
         sign_key=_sign_key(args),
+        runtimes=_runtime_options(args),
     )
     print(f"parity: {report.summary()}")
     print(out.resolve())
@@ -219,6 +236,7 @@ def cmd_package_bento(args: argparse.Namespace) -> int:
             force=True,
             reference=reference,
             sign_key=sign_key,
+            runtimes=_runtime_options(args),
         )
     archive, report = build_bento(
         model,
@@ -292,6 +310,7 @@ def cmd_package_map(args: argparse.Namespace) -> int:
         validation_limit=args.validation_volumes,
         force=args.force,
         sign_key=_sign_key(args),
+        runtimes=_runtime_options(args),
     )
     print(f"parity: {report.summary()}")
     print(out.resolve())
@@ -430,6 +449,28 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PEM",
             help="EC private key (clinbundle keys new): sign the bundle (model.sig) before it "
             "is moved into place",
+        )
+        rt = sp.add_argument_group(
+            "runtimes",
+            "every available runtime (ONNX Runtime, OpenVINO, compiled PyTorch) is parity-"
+            "checked and timed; the fastest passer becomes the bundle's default, e.g. "
+            "--threads 2 --bench-shape 128 128 128",
+        )
+        rt.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+        rt.add_argument(
+            "--bench-shape",
+            type=int,
+            nargs=3,
+            metavar=("D", "H", "W"),
+            help="volume the candidates are timed on (default: twice the roi)",
+        )
+        rt.add_argument(
+            "--onnxruntime-only", action="store_true", help="ship ONNX Runtime only, untimed"
+        )
+        rt.add_argument(
+            "--bf16-max-abs",
+            type=float,
+            help="also hold the bf16 candidate to this max abs difference (default: Dice rule)",
         )
         common(sp)
 

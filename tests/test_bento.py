@@ -236,7 +236,11 @@ def test_auth_metadata_and_bentoml_endpoints(server: Server, packaged) -> None:
     assert m["model"]["name"] == packaged.model.name
     assert m["model"]["version"] == packaged.model.version
     assert m["contract"] == packaged.model.contract.model_dump(mode="json")
-    assert m["parity"]["passed"] and "CPUExecutionProvider" in m["execution_provider"]
+    assert m["parity"]["passed"]
+    # the bento runs the bundle's measured default runtime, and says so (issue 15)
+    default = json.loads((packaged.bundle / "manifest.json").read_text())["runtimes"]["default"]
+    assert m["runtime"]["name"] == m["runtimes"]["default"] == default, m["runtime"]
+    assert m["execution_provider"].startswith(default) and "default" in m["runtime"]["why"]
     assert {"bentoml", "onnxruntime"} <= set(m["serving_libraries"])
     assert "bentoml_service_request_total" in httpx.get(server.url + "/metrics").text
 

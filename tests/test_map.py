@@ -180,6 +180,12 @@ def test_nifti_labels_equal_the_onnx_bundle_offline(
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the MAP's own copy of clinbundle ran, not the checkout's
     assert f"from {map_dir.resolve() / 'app' / 'clinbundle'}" in proc.stdout + proc.stderr
+    # the app runs the nested bundle's measured default runtime and logs it (issue 15)
+    nested = json.loads(next(map_dir.glob("models/*/manifest.json")).read_text())
+    assert (
+        f"runtime {nested['runtimes']['default']} (the bundle's default"
+        in proc.stdout + proc.stderr
+    )
     assert sorted(p.name for p in out.iterdir()) == ["scan_seg.nii.gz"]
     seg = nib.load(out / "scan_seg.nii.gz")
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)

@@ -60,7 +60,12 @@ BODY_TIMEOUT_S = float(os.environ.get("CLINBUNDLE_BODY_TIMEOUT_S", 30))
 #: the bundle's manifest still lists every file of its folder).
 BUNDLE_DIR = "bundle"
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
-STATE: dict[str, object] = {"execution_provider": None, "loaded_at": None, "signature": None}
+STATE: dict[str, object] = {
+    "execution_provider": None,
+    "loaded_at": None,
+    "signature": None,
+    "runtime": None,
+}
 
 
 class BadRequest(ValueError):
@@ -90,6 +95,7 @@ def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
     for _ in range(runs):
         bundle.predict(np.random.default_rng(0).normal(0, 1, shape).astype(np.float32))
     STATE["execution_provider"] = bundle.runtime.description
+    STATE["runtime"] = {"name": bundle.runtime_name, "why": bundle.runtime_reason}
     STATE["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     log.info(
         "model loaded (device=%s, %s); %d warm-up run(s) in %.2f s",
@@ -451,7 +457,7 @@ def service_metadata(bundle_path: Path) -> dict:
     """Model, contract, provenance, parity and versions: what a client may want to check."""
     manifest = json.loads((bundle_path / "manifest.json").read_text())
     serving = {}
-    for lib in ("bentoml", "onnxruntime", "numpy", "nibabel", "clinbundle"):
+    for lib in ("bentoml", "onnxruntime", "openvino", "torch", "numpy", "nibabel", "clinbundle"):
         try:
             serving[lib] = md.version(lib)
         except md.PackageNotFoundError:
@@ -464,6 +470,9 @@ def service_metadata(bundle_path: Path) -> dict:
         "bundle_libraries": manifest["libraries"],
         "serving_libraries": serving,
         "execution_provider": STATE["execution_provider"],
+        # which shipped runtime runs and why; the measured table is the manifest's `runtimes`
+        "runtime": STATE["runtime"],
+        "runtimes": manifest.get("runtimes"),
         "loaded_at": STATE["loaded_at"],
         # "unsigned", "signed, not checked" or "verified with key sha256:..." (None: not loaded)
         "signature": STATE["signature"],

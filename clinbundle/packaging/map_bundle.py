@@ -52,7 +52,7 @@ from clinbundle.apps.map_app.selection import series_rules
 from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.dicom_synth import SeriesInfo, oblique, quantize_hu, write_ct_series
 from clinbundle.packaging.model_source import ResolvedModel
-from clinbundle.packaging.onnx_bundle import build_onnx_bundle, parity_reference
+from clinbundle.packaging.onnx_bundle import RuntimeOptions, build_onnx_bundle, parity_reference
 from clinbundle.packaging.parity import (
     ParityCase,
     ParityReport,
@@ -121,12 +121,15 @@ def app_config(model: ResolvedModel, title: str) -> dict:
             "input-formats": ["file"],
             "output-formats": ["file"],
         },
-        # The app runs ONNX Runtime on the CPU build pinned in requirements.txt; a GPU helps
+        # The app runs the bundle's default runtime on the CPU (requirements.txt); a GPU helps
         # nothing but the holoscan runtime, which starts without one.
         "resources": {"cpu": 2, "gpu": 0, "memory": "4Gi"},
         "clinbundle": {
             "model": model.name,
             "device": "auto",
+            # a runtime the bundle ships (onnxruntime, openvino, pytorch-aoti, ...); empty:
+            # the bundle's default, measured fastest among its parity-passing runtimes
+            "runtime": None,
             # DICOMSeriesSelectorOperator rules from the contract's modality; of several
             # matching series the app takes the one with the most slices (logged), unless
             # series-strict is true
@@ -365,6 +368,7 @@ def build_map(
     force: bool = False,
     record: bool = True,
     sign_key: Path | None = None,
+    runtimes: RuntimeOptions | None = None,
 ) -> tuple[Path, ParityReport]:
     """Write a MAP build context for `model`; ParityError (and nothing written) on a breach.
 
@@ -382,6 +386,7 @@ def build_map(
             record=False,
             reference=reference,
             sign_key=sign_key,
+            runtimes=runtimes,
         )
         write_app(tmp / "app")
         config = app_config(model, title)

@@ -41,6 +41,41 @@ def _normalisation_text(norm) -> str:
     )
 
 
+def runtimes_section(manifest: dict) -> str:
+    """The measured runtime table (manifest `runtimes`), or a line saying only ORT ships."""
+    table = manifest.get("runtimes")
+    if not table:
+        return "Only ONNX Runtime ships in this bundle (runtime candidates were not measured).\n"
+    rows = []
+    for name, e in table["candidates"].items():
+        p = e.get("parity", {})
+        mx = p.get("max_abs")
+        dice = min(p["min_dice"].values()) if p.get("min_dice") else float("nan")
+        verdict = (
+            "pass"
+            if e.get("passed")
+            else "FAIL" + (f" ({e['error'][:60]})" if e.get("error") else "")
+        )
+        rows.append(
+            f"| {name}{' (default)' if name == table['default'] else ''} | {e['precision']} | "
+            f"{e.get('seconds', float('nan')):.2f} | {e.get('gflops', float('nan')):.1f} | "
+            f"{e.get('sgemm_pct', float('nan')):.0f}% | {e.get('peak_rss_mb', float('nan')):.0f} | "
+            f"{'n/a' if mx is None else f'{mx:.1e}'} | {p.get('flip_fraction', float('nan')):.1e} | "
+            f"{dice:.4f} | {verdict} |"
+        )
+    return f"""Each runtime ran the parity suite; those that passed were timed end to end on a
+{"x".join(map(str, table["volume_shape"]))} volume ({table["gflop_per_volume"]} GFLOP of network work), {table["threads"]} threads,
+interleaved with sgemm ({table["sgemm_gflops"]} GFLOP/s, same run; the packaging machine may
+be shared, so % of sgemm is the figure that travels). Default: **{table["default"]}**
+({table["chosen_by"]}). Override with `CLINBUNDLE_RUNTIME=NAME` (`runtime:` in a MAP's
+app.yaml); a runtime that failed parity is refused.
+
+| runtime | precision | seconds | GFLOP/s | % of sgemm | peak RSS MB | max abs | flipped | min Dice | parity |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
 def render_model_card(
     model: ResolvedModel, report: ParityReport, manifest: dict, files: dict[str, str]
 ) -> str:
@@ -118,6 +153,8 @@ Full report: `parity/parity_report.md` and `.json`.
 ![Differences per case](parity/parity_diff_histogram.png)
 ![Flipped labels per case](parity/parity_flip_map.png)
 
+## Runtimes
+{runtimes_section(manifest)}
 ## Limitations
 - Volumes without geometry (a bare array, a .npy upload) are taken to be on the training grid
   ({geometry_text}); give NIfTI or DICOM so the spacing and orientation are known.

@@ -6,10 +6,13 @@
 Bundle layout (a folder a stranger can read):
 
     README.md                    model card
-    manifest.json                sha256 of every file, provenance, contract, parity summary
+    manifest.json                sha256 of every file, provenance, contract, parity summary,
+                                 runtimes: each candidate's parity and timing, the default
     model.onnx                   graph; contract and provenance in metadata_props
     contract.json                the inference contract
     parity/parity_report.{json,md}
+    parity/runtimes/NAME/        each runtime candidate's parity report
+    runtimes/model.pt2           compiled PyTorch (AOTInductor) for the packaging CPU's ISA
     sample/input.npy             a raw volume of awkward shape ...
     sample/reference.npy         ... and PyTorch's probabilities for it (what verify re-checks)
     sbom.cdx.json                CycloneDX SBOM of the Python environment parity ran in
@@ -20,10 +23,12 @@ Bundle layout (a folder a stranger can read):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import torch
 
 from clinbundle.packaging.bundle import build_manifest, staged_folder, write_manifest
 from clinbundle.packaging.model_card import render_model_card
@@ -36,6 +41,11 @@ from clinbundle.packaging.parity import (
     check_parity,
     parity_suite,
     settle_parity,
+)
+from clinbundle.packaging.runtime_candidates import (
+    BF16_TOLERANCES,
+    measure_candidates,
+    open_candidates,
 )
 from clinbundle.packaging.runtimes import torch_runtime
 from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
@@ -51,11 +61,11 @@ from clinbundle.runtime.bundle_reader import (
 from clinbundle.runtime.errors import BundleError, ParityError
 from clinbundle.runtime.hashing import tree_hashes
 from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
+from clinbundle.runtime.runtime_choice import runtime_table
 from clinbundle.runtime.signature import check_signature
+from clinbundle.runtime.threads import resolve_threads
 
 if TYPE_CHECKING:  # serving loads bundles without MLflow installed
-    import torch
-
     from clinbundle.packaging.model_source import ResolvedModel
 
 log = logging.getLogger("clinbundle.onnx")
@@ -91,8 +101,12 @@ def build_onnx_bundle(
     record: bool = True,
     reference: Reference | None = None,
     sign_key: Path | None = None,
+    runtimes: RuntimeOptions | None = None,
 ) -> tuple[Path, ParityReport]:
     """Export, prove parity, write the bundle; ParityError (and no bundle) on a breach.
+
+    `runtimes`: how the runtime candidates are measured (`runtime_candidates`); an fp32 bundle
+    ships each that is available here, with the measured table and default in the manifest.
 
     `reference`: the packaging run's PyTorch outputs when other formats are checked too.
     `sign_key`: an EC private key PEM; the staged bundle is signed (model.sig) after its
@@ -122,6 +136,7 @@ def build_onnx_bundle(
         report = check_parity(reference, candidate, cases, model.contract, tol, "onnx")
         settle_parity(report, model, tmp / "parity", record, "ONNX", "bundle", precision=precision)
         (tmp / CONTRACT_FILE).write_text(model.contract.to_json())
+        table = measure_runtimes(tmp, network, model.contract, reference, tol, precision, runtimes)
         sample = next(c for c in cases if c.name == SAMPLE_CASE)
         (tmp / "sample").mkdir()
         np.save(tmp / "sample" / "input.npy", sample.volume)
@@ -134,6 +149,8 @@ def build_onnx_bundle(
             "execution_provider": candidate.description,
             "sample": {"case": SAMPLE_CASE, "shape": list(sample.volume.shape)},
         }
+        if table is not None:
+            extra["runtimes"] = table
         manifest = build_manifest(tmp, "onnx", model, report, extra)
         (tmp / "README.md").write_text(
             render_model_card(model, report, manifest, manifest["files"] | {"README.md": ""})
@@ -143,6 +160,48 @@ def build_onnx_bundle(
         if sign_key is not None:
             sign_bundle(tmp, sign_key)
     return out, report
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Runtime candidates at packaging: off, threads (default physical cores), the timing
+    volume's shape (default twice the roi) and the bf16 candidate's tolerances (Dice rule)."""
+
+    enabled: bool = True
+    threads: int | None = None
+    bench_shape: tuple[int, ...] | None = None
+    bf16_tolerances: Tolerances = BF16_TOLERANCES
+
+
+def measure_runtimes(
+    tmp: Path,
+    network: torch.nn.Module,
+    contract,
+    reference: Reference,
+    tol: Tolerances,
+    precision: str,
+    options: RuntimeOptions | None,
+) -> dict | None:
+    """The manifest's `runtimes` table for the staged bundle in `tmp` (None: ORT only)."""
+    options = options or RuntimeOptions()
+    if not options.enabled or precision != "fp32":
+        log.info(
+            "runtime candidates skipped (%s): the bundle runs ONNX Runtime",
+            "asked" if not options.enabled else f"{precision} bundle",
+        )
+        return None
+    threads = resolve_threads(options.threads)
+    cands = open_candidates(tmp, network, contract, tol, threads, options.bf16_tolerances)
+    return measure_candidates(
+        cands,
+        reference,
+        contract,
+        network,
+        threads,
+        precision,
+        options.bench_shape,
+        tmp / "parity" / "runtimes",
+    )
 
 
 def verify_bundle(path: Path, device: str = "auto", key: Path | None = None) -> ParityReport:
@@ -163,20 +222,37 @@ def verify_bundle(path: Path, device: str = "auto", key: Path | None = None) -> 
     try:
         # checks every file's hash and the signature before anything runs
         bundle = load_bundle(path, device, trusted_key=key)
-    except BundleError:
+    except (BundleError, ParityError):
         raise
     except Exception as e:  # ORT refuses a graph it cannot parse
         raise BundleError(f"{MODEL_FILE}: ONNX Runtime cannot load it ({e})") from None
+    report = verify_sample(path, manifest, bundle.runtime, bundle.contract, bundle.runtime_name)
+    for name in shipped_runtimes(manifest, bundle.runtime_name):
+        other = load_bundle(path, device, trusted_key=key, runtime=name)
+        verify_sample(path, manifest, other.runtime, other.contract, name)
+    log.info("%s verified: %d files, %s", path, len(manifest["files"]), report.summary())
+    return report
+
+
+def shipped_runtimes(manifest: dict, default: str) -> list[str]:
+    """The bundle's parity-passing runtimes other than `default` (each re-checked by verify)."""
+    table = runtime_table(manifest)
+    return [n for n, e in table["candidates"].items() if e.get("passed") and n != default]
+
+
+def verify_sample(
+    path: Path, manifest: dict, runtime: Runtime, contract, name: str
+) -> ParityReport:
+    """Parity of one runtime on the bundle's sample, at the tolerances that runtime passed."""
     volume = np.load(path / "sample" / "input.npy", allow_pickle=False)
     reference = np.load(path / "sample" / "reference.npy", allow_pickle=False)
-    tol = Tolerances(**manifest["parity"]["tolerances"])
+    entry = runtime_table(manifest)["candidates"].get(name, {})
+    tol = Tolerances(**(entry.get("tolerances") or manifest["parity"]["tolerances"]))
     stored = Runtime(lambda _v, _a: reference, "PyTorch output stored in sample/reference.npy")
-    report = check_parity(
-        stored, bundle.runtime, [ParityCase("sample", volume)], bundle.contract, tol, "verify"
-    )
+    report = check_parity(stored, runtime, [ParityCase("sample", volume)], contract, tol, name)
     if not report.passed:
         raise ParityError(
-            f"{MODEL_FILE} no longer reproduces sample/reference.npy: {report.summary()}"
+            f"runtime {name} no longer reproduces sample/reference.npy: {report.summary()}"
         )
-    log.info("%s verified: %d files, %s", path, len(manifest["files"]), report.summary())
+    log.info("verify: runtime %s reproduces the sample: %s", name, report.summary())
     return report

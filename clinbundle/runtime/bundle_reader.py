@@ -21,7 +21,8 @@ from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import sha256_file, tree_hashes
 from clinbundle.runtime.inference import Output
-from clinbundle.runtime.runners import Runtime, onnx_runtime, onnx_session
+from clinbundle.runtime.runners import Runtime
+from clinbundle.runtime.runtime_choice import choose_runtime
 from clinbundle.runtime.signature import SIGNATURE_FILE, check_signature
 
 log = logging.getLogger("clinbundle.bundle")
@@ -77,9 +78,10 @@ def check_hashes(folder: Path, manifest: dict) -> list[str]:
 
 @dataclass
 class OnnxBundle:
-    """A bundle opened for inference: its contract, manifest and an ONNX Runtime runner.
+    """A bundle opened for inference: its contract, manifest and the runtime that runs it.
 
     `signature`: "unsigned", "signed, not checked" or "verified with key sha256:<fingerprint>".
+    `runtime_name` / `runtime_reason`: which shipped runtime runs and why (`runtime_choice`).
     """
 
     path: Path
@@ -87,6 +89,8 @@ class OnnxBundle:
     contract: InferenceContract
     runtime: Runtime
     signature: str = "unsigned"
+    runtime_name: str = "onnxruntime"
+    runtime_reason: str = ""
 
     def predict(
         self,
@@ -104,12 +108,15 @@ def load_bundle(
     device: str = "auto",
     threads: int | None = None,
     trusted_key: Path | str | None = None,
+    runtime: str | None = None,
 ) -> OnnxBundle:
     """Open a bundle: hashes first, then the signature, then the contract from model.onnx (must
     match contract.json).
 
     `trusted_key`: a public key PEM the bundle must be signed with (default: the path in
     CLINBUNDLE_TRUSTED_KEY, if set); without one an unsigned bundle opens as before.
+    `runtime`: a shipped runtime by name (default: CLINBUNDLE_RUNTIME, else the bundle's
+    measured default; see `clinbundle.runtime.runtime_choice`). `threads`: default physical cores.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -127,6 +134,8 @@ def load_bundle(
     on_disk = InferenceContract.from_json((path / CONTRACT_FILE).read_text())
     if contract != on_disk:
         raise BundleError(f"{MODEL_FILE}: its embedded contract differs from {CONTRACT_FILE}")
-    runtime = onnx_runtime(onnx_session(path / MODEL_FILE, device, threads), contract)
+    chosen = choose_runtime(path, manifest, contract, device, threads, runtime)
     log.info("opened %s (%d files checked)", path, len(manifest["files"]))
-    return OnnxBundle(path, manifest, contract, runtime, signature)
+    return OnnxBundle(
+        path, manifest, contract, chosen.runtime, signature, chosen.name, chosen.reason
+    )

@@ -52,6 +52,8 @@ log = logging.getLogger("clinbundle.map_app")
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": None,  # the one bundle under the model path
     "device": "auto",
+    # a runtime the bundle ships; None: CLINBUNDLE_RUNTIME, else the bundle's measured default
+    "runtime": None,
     # DICOMSeriesSelectorOperator rules; None = series_rules(the contract's modality)
     "series-selection": None,
     # true: several candidate series are an error instead of a deterministic choice
@@ -203,9 +205,16 @@ class SegmentationApp(Application):
             find_bundle(Path(context.model_path), config["model"]),
             config["device"],
             trusted_key=config["trusted-key"],
+            runtime=config["runtime"],
         )
         log.info("clinbundle %s from %s", clinbundle.__version__, Path(clinbundle.__file__).parent)
         log.info("bundle %s: signature %s", bundle.path, bundle.signature)
+        log.info(
+            "runtime %s (%s): %s",
+            bundle.runtime_name,
+            bundle.runtime_reason,
+            bundle.runtime.description,
+        )
 
         self.staging = self.make_staging(output_path)
 

@@ -1,0 +1,79 @@
+"""Compiled PyTorch: an AOTInductor package (`model.pt2`) made at packaging time with
+`torch.export` + `torch._inductor.aoti_compile_and_package`, loaded here with
+`torch._inductor.aoti_load_package` (no training code, no Python model class, nothing unpickled).
+
+AOTInductor rather than `torch.compile(..., freezing)` at load time: compiling costs tens of
+seconds on 2 cores (33-60 s for the tests' tiny DynUNet, minutes for larger ones), which every
+serving process and every `verify` would pay again; the package pays it once, at packaging.
+
+The package holds machine code for the packaging CPU's vector ISA and is tied to the torch
+version that built it, so its build record (`build_info`) is checked before loading: a mismatch
+is refused with both records (the caller may fall back to another runtime, logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.errors import BundleError, DeviceError
+from clinbundle.runtime.inference import Predictor
+from clinbundle.runtime.runners import Runtime, volume_runner
+
+log = logging.getLogger("clinbundle.runtime")
+
+
+class RuntimeMismatch(BundleError):
+    """A shipped runtime cannot run on this machine (ISA or library version)."""
+
+
+def build_info() -> dict[str, str]:
+    """What an AOTInductor package built here depends on."""
+    return {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def check_build(recorded: dict[str, str]) -> None:
+    here = build_info()
+    wrong = {k: (v, here.get(k)) for k, v in recorded.items() if here.get(k) != v}
+    if wrong:
+        said = ", ".join(f"{k} built for {a}, here {b}" for k, (a, b) in wrong.items())
+        raise RuntimeMismatch(f"the compiled PyTorch package does not fit this machine: {said}")
+
+
+def aoti_predictor(package) -> Predictor:
+    lock = threading.Lock()  # one model container per package: calls take turns
+
+    def predict(patches: torch.Tensor) -> torch.Tensor:
+        with lock:
+            return package(patches.detach().to("cpu", torch.float32).contiguous())
+
+    return predict
+
+
+def aoti_runtime(
+    path: Path,
+    contract: InferenceContract,
+    recorded: dict[str, str],
+    threads: int = 1,
+    device: str = "cpu",
+) -> Runtime:
+    """Refuses (RuntimeMismatch) before loading when the package was built for another machine."""
+    if device == "cuda":
+        raise DeviceError("the compiled PyTorch package is a CPU build; use another runtime")
+    check_build(recorded)
+    torch.set_num_threads(threads)
+    package = torch._inductor.aoti_load_package(str(path))
+    log.info("AOTInductor package %s loaded (%s), %d threads", path.name, recorded, threads)
+    return Runtime(
+        volume_runner(aoti_predictor(package), contract, "cpu"),
+        f"pytorch {torch.__version__} AOTInductor ({recorded['cpu_capability']}), {threads} threads",
+    )
