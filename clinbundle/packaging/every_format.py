@@ -67,8 +67,9 @@ def package_every_format(model: ResolvedModel, workdir: Path) -> list[Shipped]:
     done("ONNX bundle", onnx, report, t, f"clinbundle verify {shown(onnx)}")
 
     t = time.perf_counter()
-    archive, report = build_bento(model, onnx, workdir / "bento", force=True, reference=reference)
-    done("bento", archive, report, t, f"clinbundle serve {shown(archive)} --workdir {wd}")
+    bento = workdir / "bento"
+    archive, report = build_bento(model, onnx, bento, force=True, reference=reference)
+    done("bento", archive, report, t, f"clinbundle serve {shown(bento)} --workdir {wd} --port 3000")
 
     t = time.perf_counter()
     map_dir, report = build_map(model, workdir / "map", "cpu", force=True, reference=reference)
