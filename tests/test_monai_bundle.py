@@ -68,7 +68,7 @@ def test_layout_and_metadata_come_from_the_contract(bundle: Path, champion) -> N
         "LICENSE",
     ):
         assert (bundle / rel).is_file(), rel
-    assert not list(bundle.parent.glob(".*partial*"))
+    assert not list(bundle.parent.glob(".*partial*")) and not list(bundle.rglob("__pycache__"))
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]

@@ -268,7 +268,8 @@ def build_monai_bundle(
         write_bundle_files(model, network, tmp)
         verify_bundle_metadata(tmp)
         report = bundle_parity(tmp, reference, model, tol, device)
-        shutil.rmtree(tmp / "eval", ignore_errors=True)
+        for leftover in tmp.rglob("__pycache__"):  # the run imported scripts/
+            shutil.rmtree(leftover)
         settle_parity(report, model, tmp / "docs", record, "MONAI bundle", "bundle")
         (tmp / "docs" / "README.md").write_text(render_bundle_card(model, report))
     return out, report
