@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/clinbundle quickstart --workdir work
+	$(BIN)/clinbundle quickstart --package --workdir work
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

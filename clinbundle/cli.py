@@ -128,7 +128,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from clinbundle.quickstart import run_quickstart
 
-    uri = run_quickstart(_workdir(args), args.set, min_dice=args.min_dice)
+    uri = run_quickstart(_workdir(args), args.set, min_dice=args.min_dice, package=args.package)
     print(uri)
     return 0
 
@@ -317,6 +317,24 @@ def cmd_package_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_monai_bundle(args: argparse.Namespace) -> int:
+    from clinbundle.packaging.monai_bundle import build_monai_bundle
+
+    if args.sign_key:
+        raise ClinbundleError("--sign-key is not supported for a MONAI bundle (no manifest)")
+    out, report = build_monai_bundle(
+        _resolve(args),
+        Path(args.out),
+        device=args.device,
+        tolerances=_tolerances(args),
+        validation_limit=args.validation_volumes,
+        force=args.force,
+    )
+    print(f"parity: {report.summary()}")
+    print(out.resolve())
+    return 0
+
+
 def cmd_run_map(args: argparse.Namespace) -> int:
     from clinbundle.packaging.map_bundle import run_map
 
@@ -423,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="synthetic data -> train -> register -> champion")
     q.add_argument("--min-dice", type=float, default=0.7, help="held-out Dice to become champion")
+    q.add_argument(
+        "--package",
+        action="store_true",
+        help="then package the champion as every format (ONNX bundle, bento, MAP build "
+        "context, MONAI bundle), each parity-checked, and print the command that runs each",
+    )
     common(q)
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="training override")
     q.set_defaults(func=cmd_quickstart)
@@ -505,6 +529,20 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--out", required=True, help="build context folder to create")
     model_args(pm)
     pm.set_defaults(func=cmd_package_map)
+
+    mb = formats.add_parser(
+        "monai-bundle",
+        help="MONAI bundle (Model Zoo layout) for monai.bundle run, MONAI Label, 3D Slicer",
+        description="Write the champion as a MONAI bundle: configs/ (metadata, inference), "
+        "models/model.pt, docs/README.md, LICENSE. Verified with MONAI's verify_metadata and "
+        "verify_net_in_out, then run with `python -m monai.bundle run` on the parity suite; "
+        "nothing is written if its answers differ from PyTorch's.",
+        epilog="example: clinbundle package monai-bundle --workdir work "
+        "--model models:/vessel-seg@champion --out bundles/vessel-seg-monai",
+    )
+    mb.add_argument("--out", required=True, help="bundle folder to create")
+    model_args(mb)
+    mb.set_defaults(func=cmd_package_monai_bundle)
 
     rm = sub.add_parser("run-map", help="run a MAP build context's app: python app -i -o -m")
     rm.add_argument("map", help="folder made by `clinbundle package map`")

@@ -44,7 +44,10 @@ def run_quickstart(
     overrides: list[str] | None = None,
     min_dice: float = 0.7,
     synth: dict | None = None,
+    package: bool = False,
 ) -> str:
+    """Train and promote the quickstart model; with `package`, go on to every format
+    (`clinbundle.packaging.every_format`). Returns the champion's URI."""
     from clinbundle.training.run import run_training
     from clinbundle.training.synth import write_dataset
 
@@ -73,4 +76,20 @@ def run_quickstart(
             f"the quickstart model did not become champion: {decision.reason}. "
             "Train longer (--set train.epochs=...) and run quickstart again."
         )
-    return f"models:/{name}@champion"
+    uri = f"models:/{name}@champion"
+    if package:
+        _package(workdir, uri)
+    return uri
+
+
+def _package(workdir: Path, uri: str) -> None:
+    from clinbundle.packaging.every_format import describe, package_every_format, shown
+    from clinbundle.packaging.model_source import resolve_model
+
+    model = resolve_model(uri, workdir / "cache" / "models")
+    shipped = package_every_format(model, workdir)
+    print(describe(shipped))
+    onnx = next(s.path for s in shipped if s.format == "ONNX bundle")
+    print(
+        f"  reviewer demo:\n    $ clinbundle demo --bundle {shown(onnx)} --workdir {shown(workdir)}"
+    )

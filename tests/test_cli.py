@@ -102,49 +102,139 @@ def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) 
     assert_quiet(r.stderr)  # `package` and `verify` import MONAI, and with it no MAP SDK
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_PATH_MARK = "<!-- readme-path:"
+
+
+def readme_path_commands() -> list[str]:
+    """The commands of the README's tested block, `\\` continuations joined, comments dropped."""
+    text = README.read_text()
+    block = text[text.index(README_PATH_MARK) :].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = block.replace("\\\n", " ").splitlines()
+    return [c.strip() for c in commands if c.strip() and not c.strip().startswith("#")]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode} before {url} answered"
+        try:
+            if urllib.request.urlopen(url, timeout=5).status == 200:
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:  # the whole group: a server started in the background outlives its shell
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_readme_path(cwd: Path) -> None:
+    """Issue 18.6: the README's path, as a newcomer pastes it (ports made free), from a folder
+    whose `.venv` is this interpreter's and whose `work/` is the quickstart's."""
+    from clinbundle.packaging.bento import free_port
+
+    ports = {"3000": str(free_port()), "7860": str(free_port())}
+    commands = [
+        re.sub(r"\b(3000|7860)\b", lambda m: ports[m[1]], c) for c in readme_path_commands()
+    ]
+    (cwd / ".venv").symlink_to(sys.prefix)
+    demo = [c for c in commands if c.startswith("clinbundle demo")]
+    assert len(demo) == 1 and commands[-1] == demo[0], commands
+    script = "set -eo pipefail\n" + "\n".join(commands[:-1]) + "\n"
+    proc = subprocess.Popen(
+        ["bash", "-c", script], cwd=cwd, env=clean_env(), start_new_session=True, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=1500)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, out[-5000:]
+    activate = next(c for c in commands if c.startswith(". "))
+    demo_proc = subprocess.Popen(
+        ["bash", "-c", f"{activate} && exec {demo[0]}"], cwd=cwd, env=clean_env(),
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{ports['7860']}/", demo_proc)
+    finally:
+        stop_group(demo_proc)
+
+
+def assert_same_labels(work: Path) -> None:
+    """What the README's path wrote over HTTP, by the MAP and by the MONAI bundle is what the
+    ONNX bundle answers for that scan (parity tolerance: flips <= 1e-4)."""
+    import nibabel as nib
+    import numpy as np
+
+    from clinbundle.runtime.bundle_reader import load_bundle
+
+    scan = work / "data" / "synthetic-vessels" / "imagesTs" / "vessel_t000.nii.gz"
+    img = nib.load(scan)
+    volume = np.asarray(img.dataobj, dtype=np.float32)[None, None]
+    expected = load_bundle(work / "bundles" / "vessel-seg-onnx", "cpu").predict(
+        volume, img.affine, "labels"
+    )[0]
+    assert expected.any(), "the champion found no vessel in a held-out scan"
+    for out in ("vessel_t000_seg.nii.gz", "results-map/vessel_t000_seg.nii.gz",
+                "results-monai/vessel_t000_seg.nii.gz"):  # fmt: skip
+        labels = np.asarray(nib.load(work / out).dataobj)
+        assert labels.shape == expected.shape, out
+        assert (labels != expected).mean() <= 1e-4, out
+
+
 @pytest.mark.slow
-def test_quickstart_learns_and_prints_the_champion_uri(tmp_path: Path) -> None:
-    r = run(["quickstart", "--workdir", str(tmp_path / "qs")], tmp_path, timeout=900)
+def test_quickstart_packages_every_format_and_the_readme_path_runs(tmp_path: Path) -> None:
+    r = run(["quickstart", "--package", "--workdir", "work"], tmp_path, timeout=2400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_quiet(r.stderr)
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == "models:/vessel-seg@champion"
     dice = float(re.search(r"held-out Dice of version \d+: ([0-9.]+)", r.stdout).group(1))
     assert dice >= 0.7, r.stdout
+    # issue 18.5: every format, each parity-checked, with the command that runs it
+    for fmt in ("ONNX bundle", "bento", "MAP", "MONAI bundle"):
+        assert re.search(rf"  {fmt}: \S+ \(\d+ s; parity pass ", r.stdout), r.stdout
+    for command in ("clinbundle verify", "clinbundle serve", "clinbundle run-map",
+                    "python -m monai.bundle run", "clinbundle demo"):  # fmt: skip
+        assert f"$ {command} " in r.stdout, r.stdout
     # everything stayed in the work dir, and a fresh process finds the champion there
-    assert (tmp_path / "qs" / "mlflow.db").exists() and (tmp_path / "qs" / "mlartifacts").is_dir()
+    work = tmp_path / "work"
+    assert (work / "mlflow.db").exists() and (work / "mlartifacts").is_dir()
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
     code = (
         "import mlflow, numpy as np; "
-        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'qs' / 'mlflow.db'}'); "
+        f"mlflow.set_tracking_uri('sqlite:///{work / 'mlflow.db'}'); "
         "m = mlflow.pyfunc.load_model('models:/vessel-seg@champion'); "
-        "print(m.predict(np.zeros((1, 1, 50, 60, 70), np.float32)).shape)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=clean_env()
-    )
-    assert "(1, 2, 50, 60, 70)" in out.stdout, out.stderr[-2000:]
-
-    # issue 4: the quickstart champion becomes a verified ONNX bundle, parity recorded in MLflow
-    wd = ["--workdir", str(tmp_path / "qs")]
-    r = run(["package", "onnx", "--out", "bundle", *wd], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "bundle")
-    assert "parity: pass" in r.stdout
-    assert_quiet(r.stderr)
-    r = run(["verify", "bundle"], tmp_path)
-    assert r.returncode == 0 and "all files match manifest.json" in r.stdout, r.stderr[-2000:]
-    assert_quiet(r.stderr)
-    code = (
-        "import mlflow; "
-        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'qs' / 'mlflow.db'}'); "
+        "print(m.predict(np.zeros((1, 1, 50, 60, 70), np.float32)).shape); "
         "mv = mlflow.MlflowClient().get_model_version_by_alias('vessel-seg', 'champion'); "
-        "print(mv.tags['parity_onnx'])"
+        "print(*(mv.tags[f'parity_{f}'] for f in ('onnx', 'bento', 'map', 'monai_bundle')), "
+        "sep='\\n')"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=clean_env()
     )
-    assert out.stdout.startswith("pass max_abs="), out.stderr[-2000:]
+    shown = out.stdout.splitlines()
+    assert shown[0] == "(1, 2, 50, 60, 70)", out.stderr[-2000:]
+    assert len(shown) == 5 and all(s.startswith("pass max_abs=") for s in shown[1:]), shown
+    # issue 18.6: the README's path on this champion
+    run_readme_path(tmp_path)
+    assert_same_labels(work)
 
 
 def test_synth_bad_arguments_and_file_as_data_folder(tmp_path: Path) -> None:

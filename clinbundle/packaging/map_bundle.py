@@ -369,14 +369,17 @@ def build_map(
     record: bool = True,
     sign_key: Path | None = None,
     runtimes: RuntimeOptions | None = None,
+    reference: Reference | None = None,
 ) -> tuple[Path, ParityReport]:
     """Write a MAP build context for `model`; ParityError (and nothing written) on a breach.
 
-    `sign_key`: sign the nested ONNX bundle and then the whole context (after its manifest)."""
+    `sign_key`: sign the nested ONNX bundle and then the whole context (after its manifest).
+    `reference`: the packaging run's PyTorch outputs when other formats are checked too."""
     tol = tolerances or Tolerances.for_precision("fp32")
     name = model.name or "model"
     title = f"clinbundle {name} segmentation"
-    reference = parity_reference(model, validation_limit)  # PyTorch runs once for both checks
+    # PyTorch runs once for both checks (and for every format of `quickstart --package`)
+    reference = reference or parity_reference(model, validation_limit)
     with staged_folder(out, force=force) as tmp:
         build_onnx_bundle(
             model,

@@ -24,11 +24,12 @@ import torch
 from monai.transforms import SpatialResample
 
 from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.model_grid import SPACING_RTOL, model_grid, spacing_of
+
+__all__ = ["SPACING_RTOL", "Grid", "Plan", "check_affine", "plan", "spacing_of"]
 
 log = logging.getLogger("clinbundle.geometry")
 
-#: Spacings equal within this relative tolerance are the same grid: no resampling.
-SPACING_RTOL = 1e-3
 #: Voxels of one output slab of a resampling (bounds its sampling grid: 12 bytes per voxel).
 SLAB_VOXELS = 1 << 23
 
@@ -47,12 +48,6 @@ class Grid:
     @property
     def axcodes(self) -> str:
         return "".join(nib.aff2axcodes(self.affine))
-
-
-def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel size in mm along each array axis (the norms of the affine's columns)."""
-    s = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    return (float(s[0]), float(s[1]), float(s[2]))
 
 
 def check_affine(affine: object, what: str = "the volume") -> np.ndarray:
@@ -155,18 +150,8 @@ def plan(
     for i, (axis, _flip) in enumerate(ornt):
         o_shape[int(axis)] = shape3[i]
     oriented = Grid(tuple(o_shape), o_affine)  # type: ignore[arg-type]
-    if spacing is None or np.allclose(oriented.spacing, spacing, rtol=SPACING_RTOL):
-        return Plan(source, oriented, oriented, ornt, back)
-    old, new = np.array(oriented.spacing), np.array(spacing, dtype=np.float64)
-    # half up, after rounding away float32 noise: an affine read back from a NIfTI header
-    # (35 x 1.29999995 mm) must give the grid the float64 one (35 x 1.3 mm = 45.5 -> 46) gives
-    extent = np.round(np.array(o_shape) * old / new, 3)
-    m_shape = tuple(max(1, int(np.floor(x + 0.5))) for x in extent)
-    m_affine = np.eye(4)
-    m_affine[:3, :3] = o_affine[:3, :3] / old * new
-    corner = o_affine @ np.array([-0.5, -0.5, -0.5, 1.0])
-    m_affine[:3, 3] = corner[:3] + m_affine[:3, :3] @ np.full(3, 0.5)
-    return Plan(source, oriented, Grid(m_shape, m_affine), ornt, back)  # type: ignore[arg-type]
+    m_shape, m_affine = model_grid(oriented.shape, o_affine, spacing)
+    return Plan(source, oriented, Grid(m_shape, m_affine), ornt, back)
 
 
 def reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
