@@ -116,11 +116,12 @@ def test_ensemble_packages_to_onnx_bento_and_map_with_parity(
     assert map_manifest["parity"]["passed"], map_manifest["parity"]
 
 
-def _log_member(contract: InferenceContract, weights: dict, parent: str) -> str:
+def _log_member(contract: InferenceContract, weights: dict, parent) -> str:
     """A member logged by the real pyfunc logger, as a child run of `parent` (a grid)."""
     from clinbundle.servable import log_segmentation_model
 
-    with mlflow.start_run(run_name="member", nested=True, parent_run_id=parent) as run:
+    exp = parent.info.experiment_id
+    with mlflow.start_run(experiment_id=exp, run_name="member", nested=True) as run:
         log_segmentation_model(weights, contract, metadata={"selection_metric": "dice"})
     return run.info.run_id
 
@@ -147,7 +148,7 @@ def test_a_grid_whose_members_do_not_share_a_contract_is_refused(
     )
     experiment = experiment_id("tests-ensemble-grid", tracking.workdir)
     with mlflow.start_run(experiment_id=experiment, run_name="grid") as grid:
-        children = [_log_member(c, weights, grid.info.run_id) for c in (contract, other)]
+        children = [_log_member(c, weights, grid) for c in (contract, other)]
     assert member_uris(grid.info.run_id) == [f"runs:/{c}/model" for c in children]
 
     capsys.readouterr()
