@@ -39,22 +39,38 @@ def fold1(trained):
     return state
 
 
-@pytest.fixture(scope="module")
-def ensemble(trained, fold1):
-    """`clinbundle ensemble` of the two runs, mirrored along W (2 members x 2 = 4 passes)."""
+def _ensemble(trained, fold1, name: str, *extra: str):
+    """`clinbundle ensemble` of the two runs; the version it registered (@challenger)."""
     sources = f"{trained.run_id},{fold1.extra['run_id']}"
-    args = ["ensemble", "--from", sources, "--name", ENSEMBLE, "--mirror-axes", "2"]
+    args = ["ensemble", "--from", sources, "--name", name, *extra]
     assert main([*args, "--workdir", str(trained.workdir)]) == 0
     mlflow.set_tracking_uri(trained.tracking_uri)
     mlflow.set_registry_uri(trained.tracking_uri)
-    return MlflowClient().get_model_version_by_alias(ENSEMBLE, "challenger")
+    return MlflowClient().get_model_version_by_alias(name, "challenger")
+
+
+@pytest.fixture(scope="module")
+def ensemble(trained, fold1):
+    """The plain ensemble (2 members, 2 forward passes a patch): packaged to every format."""
+    return _ensemble(trained, fold1, ENSEMBLE)
+
+
+@pytest.fixture(scope="module")
+def mirrored(trained, fold1):
+    """Mirrored along W: 2 members x 2 flips = 4 forward passes a patch."""
+    return _ensemble(trained, fold1, ENSEMBLE + "-tta", "--mirror-axes", "2")
 
 
 @pytest.mark.slow
 def test_ensemble_contract_lists_members_and_averages_their_softmax(
-    tracking, fold1, ensemble
+    tracking, fold1, mirrored, tmp_path: Path
 ) -> None:
-    model = mlflow.pyfunc.load_model(f"models:/{ENSEMBLE}/{ensemble.version}")
+    import onnxruntime as ort
+
+    from clinbundle.packaging.model_card import ensemble_section
+    from clinbundle.packaging.onnx_export import export_onnx
+
+    model = mlflow.pyfunc.load_model(f"models:/{ENSEMBLE}-tta/{mirrored.version}")
     contract = InferenceContract.model_validate(model.metadata.metadata["inference_contract"])
     spec = contract.network.ensemble
     assert spec is not None and spec.mirror_axes == [2] and spec.forward_passes == 4
@@ -64,8 +80,8 @@ def test_ensemble_contract_lists_members_and_averages_their_softmax(
         f"models:/tiny-fold1/{fold1.extra['model_version']}",
     ]
     assert spec.members[0].checkpoint == f"runs:/{tracking.run_id}/checkpoints/best_compound.pt"
-    assert ensemble.tags["ensemble_forward_passes"] == "4"
-    assert ensemble.tags["ensemble_members"] == ",".join(m.model_uri for m in spec.members)
+    assert mirrored.tags["ensemble_forward_passes"] == "4"
+    assert mirrored.tags["ensemble_members"] == ",".join(m.model_uri for m in spec.members)
 
     # the members, loaded from their own registered versions, averaged by hand
     nets = []
@@ -79,6 +95,16 @@ def test_ensemble_contract_lists_members_and_averages_their_softmax(
         by_hand = sum(torch.softmax(n(x), 1) + torch.softmax(n(x.flip(4)), 1).flip(4) for n in nets)
         merged = torch.softmax(model.unwrap_python_model().network(x), 1)
     assert torch.allclose(merged, by_hand / 4, atol=1e-6)
+
+    # the flips are in the one ONNX graph too (dynamic spatial axes), and the card states the cost
+    network = model.unwrap_python_model().network
+    session = ort.InferenceSession(str(export_onnx(network, contract, tmp_path / "m.onnx")))
+    patch = torch.randn(1, 1, 40, 32, 48, generator=torch.Generator().manual_seed(2))
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: patch.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_out, network(patch).numpy(), atol=1e-4)
+    card = ensemble_section(contract)
+    assert "mirrored along axes [2]" in card and "Cost: 4 member forward passes per patch" in card
 
     # and the one inference path takes it like any model: probabilities on the input's grid
     volume = np.random.default_rng(1).normal(100, 40, (1, 1, 37, 41, 35)).astype(np.float32)
@@ -99,7 +125,7 @@ def test_ensemble_packages_to_onnx_bento_and_map_with_parity(
     assert manifest["parity"]["passed"], manifest["parity"]
     card = (onnx / "README.md").read_text()
     assert "## Ensemble" in card
-    assert "Cost: 4 member forward passes per patch" in card
+    assert "Cost: 2 member forward passes per patch" in card
     contract = InferenceContract.model_validate(manifest["contract"])
     for m in contract.network.ensemble.members:
         assert f"`{m.model_uri}`" in card and f"`{m.run_id}`" in card

@@ -30,7 +30,7 @@ def _metrics_rows(model: ResolvedModel) -> list[str]:
     return rows or ["| - | no metrics recorded | - | - |"]
 
 
-def _ensemble_text(contract) -> str:
+def ensemble_section(contract) -> str:
     """Members and cost of an ensemble (clinbundle ensemble); empty for a single network."""
     spec = contract.network.ensemble
     if spec is None:
@@ -118,7 +118,7 @@ data from the site where it will be used before relying on it.
 | sliding window | roi {list(c.roi_size)}, overlap {c.overlap}, {c.blend_mode} blending, batch {c.sw_batch_size} (MONAI `sliding_window_inference`) |
 | graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {manifest["precision"]} |
 
-{_ensemble_text(c)}The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
+{ensemble_section(c)}The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
 clinbundle (`clinbundle.runtime.bundle_reader.load_bundle`), or with any ONNX Runtime by
 normalising, windowing and blending as the contract says.
 
