@@ -113,33 +113,34 @@ def check_shared_contract(members: list[ResolvedModel]) -> None:
 
 def checkpoint_of(m: ResolvedModel) -> str:
     """Where in its run the member's weights came from (older models name only the metric)."""
-    path = m.metadata.get("checkpoint") or f"checkpoints/best_{m.metadata['selection_metric']}.pt"
-    return f"runs:/{m.run_id}/{path}"
+    sel = m.metadata.get("selection_metric")
+    path = m.metadata.get("checkpoint") or (f"checkpoints/best_{sel}.pt" if sel else None)
+    return f"runs:/{m.run_id}/{path}" if path else f"{m.uri} (artifacts/weights.pt)"
 
 
 def ensemble_contract(members: list[ResolvedModel], mirror_axes: list[int]) -> InferenceContract:
     """The members' shared contract with the ensemble as its network."""
-    spec = EnsembleSpec(
-        members=[
-            EnsembleMember(
-                network=m.contract.network,
-                model_uri=f"models:/{m.name}/{m.version}" if m.version else m.uri,
-                run_id=m.run_id,
-                model_version=m.version,
-                checkpoint=checkpoint_of(m),
-                weights_sha256=sha256_file(m.weights_path),
-            )
-            for m in members
-        ],
-        mirror_axes=mirror_axes,
-    )
-    network = NetworkSpec(family="Ensemble", kwargs=spec.model_dump(mode="json"))
-    shared = members[0].contract.model_dump(mode="json")
     try:
+        spec = EnsembleSpec(
+            members=[
+                EnsembleMember(
+                    network=m.contract.network,
+                    model_uri=f"models:/{m.name}/{m.version}" if m.version else m.uri,
+                    run_id=m.run_id,
+                    model_version=m.version,
+                    checkpoint=checkpoint_of(m),
+                    weights_sha256=sha256_file(m.weights_path),
+                )
+                for m in members
+            ],
+            mirror_axes=mirror_axes,
+        )
+        network = NetworkSpec(family="Ensemble", kwargs=spec.model_dump(mode="json"))
+        shared = members[0].contract.model_dump(mode="json")
         return InferenceContract.model_validate(
             shared | {"network": network.model_dump(), "spatial_divisor": spatial_divisor(network)}
         )
-    except ValueError as e:
+    except ValueError as e:  # pydantic's ValidationError is one
         raise ModelResolutionError(f"the members cannot form one ensemble: {e}") from None
 
 
@@ -168,6 +169,9 @@ def build_ensemble(
     """Resolve and check the members, log the ensemble as one pyfunc and register it
     (@challenger, so `promote` weighs it against the champion like any model)."""
     members = [resolve_model(u, cache_dir) for u in member_uris(sources)]
+    runs = [m.run_id for m in members]
+    if len(set(runs)) < len(runs):
+        raise ModelResolutionError(f"--from names the model of one run twice (runs {runs})")
     check_shared_contract(members)
     names = {m.name for m in members}
     name = name or (names.pop() if len(names) == 1 and None not in names else None)
