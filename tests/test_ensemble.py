@@ -154,10 +154,11 @@ def _log_member(contract: InferenceContract, weights: dict, parent) -> str:
 
 @pytest.mark.slow
 def test_a_grid_whose_members_do_not_share_a_contract_is_refused(
-    tracking, capsys, tmp_path
+    tracking, ensemble, capsys
 ) -> None:
     """`--from GRID_RUN_ID` takes its child runs; a different normalisation and overlap in one
-    of them is refused with exit 2, naming both fields."""
+    of them is refused with exit 2, naming both fields; so are too few members, one run twice
+    and an ensemble as a member."""
     from clinbundle.ensemble import member_uris
     from clinbundle.tracking import experiment_id
 
@@ -184,8 +185,15 @@ def test_a_grid_whose_members_do_not_share_a_contract_is_refused(
     assert "do not share one inference contract" in err
     assert "normalization.kind: 'zscore'" in err and "'window'" in err
     assert "overlap: 0.25" in err and "0.5" in err
-    assert main(["ensemble", "--from", children[0], "--workdir", str(tracking.workdir)]) == 2
+    wd = ["--workdir", str(tracking.workdir)]
+    assert main(["ensemble", "--from", children[0], *wd]) == 2
     assert "at least two members" in capsys.readouterr().err
+    same_run = f"{tracking.run_id},models:/{tracking.name}/{tracking.version}"
+    assert main(["ensemble", "--from", same_run, *wd]) == 2
+    assert "the model of one run twice" in capsys.readouterr().err
+    nested = f"models:/{ENSEMBLE}/{ensemble.version},models:/{tracking.name}/{tracking.version}"
+    assert main(["ensemble", "--from", nested, "--name", "x", *wd]) == 2
+    assert "cannot itself be an ensemble" in capsys.readouterr().err
 
 
 @pytest.mark.slow
