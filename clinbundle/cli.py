@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ClinbundleError("--nproc under torchrun: drop one of them")
         return _under_torchrun(args.nproc, _strip_nproc(args.argv))
     wd = _workdir(args)
-    overrides = list(args.set or [])
+    overrides = list(args.set or []) + (["train.production=true"] if args.production else [])
     data = Path(args.data).resolve() if args.data else None
     if args.resume:
         state = run_training(wd, None, overrides, data_root=data, resume=args.resume)
@@ -122,6 +122,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
     d = promote(args.model, Path(args.data), args.metric, args.minimum, args.min_improvement)
     print(d.reason)
     print(f"decision: {'promoted' if d.promoted else 'not promoted'}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from clinbundle.ensemble import build_ensemble
+    from clinbundle.tracking import configure_tracking
+
+    wd = _workdir(args)
+    configure_tracking(wd)
+    e = build_ensemble(args.sources, wd / "cache" / "models", args.name, args.mirror_axes)
+    spec = e.contract.network.ensemble
+    print(f"run {e.run_id}: {len(e.members)} members, {spec.forward_passes} forward passes a patch")
+    print(f"models:/{e.name}/{e.version}")
     return 0
 
 
@@ -422,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="train with N processes (DDP) on this machine: re-runs itself under torchrun",
     )
+    t.add_argument(
+        "--production",
+        action="store_true",
+        help="train on all labelled pairs, no validation split (= --set train.production=true); "
+        "the model is `last` and `promote` refuses its version. Example: clinbundle train "
+        "--data data/vessels --production --set train.checkpoint_every_epochs=5",
+    )
     common(t)
     overrides(t)
     t.set_defaults(func=cmd_train)
@@ -438,6 +458,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(pr)
     pr.set_defaults(func=cmd_promote)
+
+    en = sub.add_parser(
+        "ensemble",
+        help="register several trained models (e.g. a grid's folds) as one averaging model",
+        description="Average the members' softmax in one model (one pyfunc, one ONNX graph) "
+        "and register it as @challenger. Example: clinbundle ensemble --from GRID_RUN_ID "
+        "--workdir work; clinbundle ensemble --from models:/vessel-seg/3,models:/vessel-seg/4 "
+        "--mirror-axes 0 1 2 --workdir work",
+    )
+    en.add_argument(
+        "--from",
+        dest="sources",
+        required=True,
+        metavar="GRID_OR_RUNS",
+        help="comma list of run ids, models:/ or runs:/ URIs; or a grid's parent run id "
+        "(its finished child runs)",
+    )
+    en.add_argument("--name", help="registered model name (default: the members' name)")
+    en.add_argument(
+        "--mirror-axes",
+        type=int,
+        nargs="+",
+        choices=[0, 1, 2],
+        metavar="AXIS",
+        help="test-time mirroring along these spatial axes (0 1 2 = D H W); every flip "
+        "combination is averaged: 2**len(axes) forward passes per member",
+    )
+    common(en)
+    en.set_defaults(func=cmd_ensemble)
 
     q = sub.add_parser("quickstart", help="synthetic data -> train -> register -> champion")
     q.add_argument("--min-dice", type=float, default=0.7, help="held-out Dice to become champion")

@@ -25,6 +25,8 @@ from clinbundle.runtime.geometry import spacing_of
 log = logging.getLogger("clinbundle.registry")
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+#: on runs and versions trained with `--production` (all labelled data, no validation split)
+PRODUCTION_TAG = "clinbundle.production"
 
 
 def register_challenger(
@@ -150,6 +152,14 @@ def promote(
     challenger = version_by_alias(name, CHALLENGER)
     if challenger is None:
         raise ModelResolutionError(f"model '{name}' has no @{CHALLENGER} version to promote")
+    if challenger.tags.get(PRODUCTION_TAG) == "true":
+        raise ModelResolutionError(
+            f"version {challenger.version} of '{name}' was trained with --production (all "
+            "labelled data, no validation split): promote does not decide on it. Decide on the "
+            "recipe's cross-validated runs, then set the alias yourself "
+            f"(MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', "
+            f"'{challenger.version}'))"
+        )
     champion = version_by_alias(name, CHAMPION)
     if champion is not None and champion.version == challenger.version:
         raise ModelResolutionError(

@@ -30,6 +30,35 @@ def _metrics_rows(model: ResolvedModel) -> list[str]:
     return rows or ["| - | no metrics recorded | - | - |"]
 
 
+def ensemble_section(contract) -> str:
+    """Members and cost of an ensemble (clinbundle ensemble); empty for a single network."""
+    spec = contract.network.ensemble
+    if spec is None:
+        return ""
+    rows = [
+        f"| {i} | {m.network.family} | `{m.model_uri}` | `{m.run_id}` | `{m.checkpoint}` | "
+        f"`{m.weights_sha256[:16]}` |"
+        for i, m in enumerate(spec.members)
+    ]
+    mirror = (
+        f"mirrored along axes {spec.mirror_axes} (every combination: "
+        f"{2 ** len(spec.mirror_axes)} passes per member)"
+        if spec.mirror_axes
+        else "no test-time mirroring"
+    )
+    return f"""## Ensemble
+The mean softmax of {len(spec.members)} members, {mirror}, taken per patch inside the one
+graph (it returns the log of that mean; softmax gives the mean back).
+**Cost: {spec.forward_passes} member forward passes per patch**, about {spec.forward_passes}x
+the time and memory traffic of one member (same windows, same blending).
+
+| member | network | model | run | checkpoint | weights sha256 (first 16) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+"""
+
+
 def _normalisation_text(norm) -> str:
     if norm.kind == "zscore":
         return "per-volume z-score (mean 0, sd 1) inside the model"
@@ -124,7 +153,7 @@ data from the site where it will be used before relying on it.
 | sliding window | roi {list(c.roi_size)}, overlap {c.overlap}, {c.blend_mode} blending, batch {c.sw_batch_size} (MONAI `sliding_window_inference`) |
 | graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {manifest["precision"]} |
 
-The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
+{ensemble_section(c)}The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
 clinbundle (`clinbundle.runtime.bundle_reader.load_bundle`), or with any ONNX Runtime by
 normalising, windowing and blending as the contract says.
 

@@ -114,12 +114,68 @@ class PostProcessing(BaseModel):
 
 
 class NetworkSpec(BaseModel):
-    """Enough to rebuild the network without the training code: a MONAI class and its kwargs."""
+    """Enough to rebuild the network without the training code: a MONAI class and its kwargs.
+
+    `Ensemble`: kwargs are an `EnsembleSpec` (its members' networks and where their weights
+    came from), so the ensemble's contract lists its members and every format rebuilds it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    family: Literal["DynUNet", "SegResNet", "UNet"]
+    family: Literal["DynUNet", "SegResNet", "UNet", "Ensemble"]
     kwargs: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _ensemble_kwargs(self) -> NetworkSpec:
+        if self.family == "Ensemble":
+            EnsembleSpec.model_validate(self.kwargs)
+        return self
+
+    @property
+    def ensemble(self) -> EnsembleSpec | None:
+        return EnsembleSpec.model_validate(self.kwargs) if self.family == "Ensemble" else None
+
+
+class EnsembleMember(BaseModel):
+    """One member of an ensemble: its network and the registered model its weights came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: NetworkSpec
+    model_uri: str
+    run_id: str
+    model_version: str | None = None
+    checkpoint: str  # the file the member's weights came from, as the run logged it
+    weights_sha256: str
+
+    @field_validator("network")
+    @classmethod
+    def _not_nested(cls, v: NetworkSpec) -> NetworkSpec:
+        if v.family == "Ensemble":
+            raise ValueError("an ensemble member cannot itself be an ensemble")
+        return v
+
+
+class EnsembleSpec(BaseModel):
+    """Members whose softmax is averaged per patch, optionally over mirrored copies of the
+    patch (test-time mirroring along `mirror_axes`, 0..2 = D, H, W: every combination of
+    flips, as nnU-Net does), so one patch costs `forward_passes` member forward passes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[EnsembleMember] = Field(..., min_length=2)
+    mirror_axes: list[int] = []
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _axes(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or not set(v) <= {0, 1, 2}:
+            raise ValueError(f"mirror_axes must be distinct spatial axes 0, 1, 2; got {v}")
+        return sorted(v)
+
+    @property
+    def forward_passes(self) -> int:
+        return len(self.members) * 2 ** len(self.mirror_axes)
 
 
 class InferenceContract(BaseModel):

@@ -60,6 +60,9 @@ class TrainConfig(_Section):
     # once this many minutes have passed since the previous one: a SIGKILL loses at most that.
     checkpoint_every_epochs: int = Field(1, ge=1)
     checkpoint_every_minutes: float | None = Field(None, gt=0)
+    # train on every labelled pair (no validation split, so no best_* checkpoints): the model is
+    # `last`, and its version is tagged so that `promote` never decides on it (nothing held out)
+    production: bool = False
 
 
 class InferenceConfig(_Section):

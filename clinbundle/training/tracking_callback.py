@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 import clinbundle
 from clinbundle.provenance import git_commit, git_state
-from clinbundle.registry import register_challenger
+from clinbundle.registry import PRODUCTION_TAG, register_challenger
 from clinbundle.runtime.errors import Preempted, TrackingError
 from clinbundle.servable import log_segmentation_model
 from clinbundle.training.callbacks import Callback, TrainState
@@ -211,6 +211,7 @@ class MLflowCallback(Callback):
                 "clinbundle_version": clinbundle.__version__,
                 **git_state(),
                 STATUS_TAG: "training",
+                **({PRODUCTION_TAG: "true"} if cfg.train.production else {}),
             }
         )
         log_dataset_input(ds, len(state.split["train"]), len(state.split["val"]))
@@ -244,9 +245,10 @@ class MLflowCallback(Callback):
         spool.log_metrics({f"best_{k}": v for k, v in state.best.items()}, step=final_step)
         spool.set_tags({f"best_{k}_epoch": str(e) for k, e in state.best_epoch.items()})
         spool.flush()
-        best = state.out_dir / "checkpoints" / f"best_{sel}.pt"
+        production = state.config.train.production  # no validation: the model is `last`
+        best = state.out_dir / "checkpoints" / ("last.pt" if production else f"best_{sel}.pt")
         if not best.exists():  # 0 epochs, or the selection metric was never finite
-            log.warning("no best_%s checkpoint was written; no model is logged", sel)
+            log.warning("no %s checkpoint was written; no model is logged", best.stem)
             self._end(state, "FINISHED", {STATUS_TAG: "finished"})
             return
         name = state.config.tracking.model_name
@@ -263,6 +265,7 @@ class MLflowCallback(Callback):
                         "run_id": self.run_id,
                         "dataset_sha256": state.dataset.sha256,
                         "selection_metric": sel,
+                        "checkpoint": f"checkpoints/{best.name}",
                         "metric_directions": DIRECTIONS,
                         "best": state.best,
                     },
@@ -279,7 +282,8 @@ class MLflowCallback(Callback):
                             name,
                             run_id=self.run_id,
                             tags={"dataset_hash": state.dataset.sha256, "selection_metric": sel}
-                            | {f"val_{k}": f"{v:.6g}" for k, v in state.best.items()},
+                            | {f"val_{k}": f"{v:.6g}" for k, v in state.best.items()}
+                            | ({PRODUCTION_TAG: "true"} if production else {}),
                         )
                     ),
                     "the model registration",

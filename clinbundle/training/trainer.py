@@ -232,7 +232,11 @@ def train(
             f"{spec.family} with {len(cfg.model.filters)} levels"
         )
     D.check_patch_fits(ds, comp.patch_size, grid_shapes)
-    split = D.kfold_split(ds.training, cfg.data.folds, cfg.data.fold, cfg.train.seed)
+    if cfg.train.production:  # every labelled pair trains; nothing is held out to validate on
+        split = {"train": list(ds.training), "val": []}
+        log.info("production: training on all %d labelled pairs, no validation", len(ds.training))
+    else:
+        split = D.kfold_split(ds.training, cfg.data.folds, cfg.data.fold, cfg.train.seed)
     norm = cfg.inference.normalization
     if not norm.complete:
         norm = D.ct_normalization(ds, split["train"], cfg.train.seed)
@@ -403,7 +407,9 @@ def train(
                     "epoch_seconds": time.perf_counter() - t0,
                 }
 
-                validate = epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
+                validate = not cfg.train.production and (
+                    epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs
+                )
                 if validate and main:
                     # rank 0 validates alone (see `validate_epoch`); the others wait below
                     val, pred_files = validate_epoch(
