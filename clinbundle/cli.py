@@ -118,7 +118,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from clinbundle.tracking import configure_tracking
 
     configure_tracking(_workdir(args))
-    d = promote(args.model, Path(args.data), args.metric, args.minimum, args.min_improvement)
+    rules = {"min_volumes": args.min_volumes} if args.min_volumes is not None else {}
+    d = promote(
+        args.model, Path(args.data), args.metric, args.minimum, args.min_improvement, **rules
+    )
     print(d.reason)
     print(f"decision: {'promoted' if d.promoted else 'not promoted'}")
     return 0
@@ -387,15 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(t)
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("promote", help="move @champion to @challenger if it scores better")
+    pr = sub.add_parser(
+        "promote",
+        help="move @champion to @challenger on evidence (paired bootstrap CI)",
+        description="Score @challenger and @champion on the same held-out volumes; move "
+        "@champion only if the lower bound of the paired difference's BCa 95%% CI is above "
+        "--min-improvement. Example: clinbundle promote --model vessel-seg --data data/vessels "
+        "--metric dice --min-improvement 0.01",
+    )
     pr.add_argument("--model", required=True, help="registered model name")
     pr.add_argument("--data", required=True, help="MSD folder whose 'test' pairs are held out")
-    pr.add_argument("--metric", default="dice")
+    pr.add_argument("--metric", default="dice", help="a case metric of the registry (dice)")
     pr.add_argument(
         "--minimum", type=float, default=0.5, help="first champion needs this (default 0.5)"
     )
     pr.add_argument(
-        "--min-improvement", type=float, default=0.0, help="margin over the champion (default 0)"
+        "--min-improvement",
+        type=float,
+        default=0.0,
+        help="the paired CI's lower bound must exceed this, in the metric's direction (default 0)",
+    )
+    pr.add_argument(
+        "--min-volumes",
+        type=int,
+        help="refuse to decide (exit 2) on fewer held-out volumes (default: 3)",
     )
     common(pr)
     pr.set_defaults(func=cmd_promote)
