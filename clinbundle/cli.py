@@ -100,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     wd = _workdir(args)
     overrides = list(args.set or []) + (["train.production=true"] if args.production else [])
     data = Path(args.data).resolve() if args.data else None
+    if args.folds is not None or _is_grid(overrides):
+        return _train_grid(args, wd, overrides, data)
     if args.resume:
         state = run_training(wd, None, overrides, data_root=data, resume=args.resume)
     else:
@@ -114,12 +116,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_grid(overrides: list[str]) -> bool:
+    from clinbundle.training.grid import sweeps
+
+    return bool(sweeps(overrides)[1])
+
+
+def _train_grid(args: argparse.Namespace, wd: Path, overrides: list[str], data: Path | None) -> int:
+    from clinbundle.training.grid import run_grid
+
+    if args.resume or args.nproc:
+        raise ClinbundleError("a grid (--folds / --set key=a,b) trains without --resume/--nproc")
+    if data is not None:
+        overrides.insert(0, f"data.root={data}")
+    parent, results = run_grid(
+        wd, Path(args.config) if args.config else None, overrides, args.folds
+    )
+    for r in results:
+        print(f"trial {r['trial']}: run {r['run_id']} version {r['model_version']}")
+    print(f"grid {parent}")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from clinbundle.registry import promote
     from clinbundle.tracking import configure_tracking
 
     configure_tracking(_workdir(args))
-    d = promote(args.model, Path(args.data), args.metric, args.minimum, args.min_improvement)
+    rules = {"min_volumes": args.min_volumes} if args.min_volumes is not None else {}
+    d = promote(
+        args.model, Path(args.data), args.metric, args.minimum, args.min_improvement, **rules
+    )
     print(d.reason)
     print(f"decision: {'promoted' if d.promoted else 'not promoted'}")
     return 0
@@ -135,6 +162,53 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     spec = e.contract.network.ensemble
     print(f"run {e.run_id}: {len(e.members)} members, {spec.forward_passes} forward passes a patch")
     print(f"models:/{e.name}/{e.version}")
+    return 0
+
+
+def _load_metrics_module(name: str | None) -> None:
+    """Import a module that registers custom metrics (clinbundle.metric_definitions.register)."""
+    import importlib
+
+    if name is None:
+        return
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise ClinbundleError(f"--metrics-module {name} cannot be imported: {e}") from None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from clinbundle.analysis.evaluate import evaluate_run, recompute_from_predictions
+    from clinbundle.metric_definitions import get
+    from clinbundle.tracking import configure_tracking
+
+    configure_tracking(_workdir(args))
+    _load_metrics_module(args.metrics_module)
+    data = Path(args.data).resolve() if args.data else None
+    if args.from_predictions:
+        evals = recompute_from_predictions(args.run, data)
+    else:
+        which = args.checkpoints.split(",") if args.checkpoints else None
+        evals = evaluate_run(args.run, data, which, args.device)
+    for ev in evals:
+        shown = ", ".join(f"{k} {i.text(get(k).fmt)}" for k, i in ev.intervals.items())
+        print(f"{ev.upstream_run_id} {ev.checkpoint} -> run {ev.run_id}: {shown}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from clinbundle.analysis.compare import compare_grid
+    from clinbundle.tracking import configure_tracking
+
+    configure_tracking(_workdir(args))
+    _load_metrics_module(args.metrics_module)
+    cmp = compare_grid(args.grid, args.metric)
+    for t in cmp.tests:
+        d = t.difference
+        print(f"{t.metric}: {t.a} vs {t.b}: {d.mean:+.4f} ({d.low:.4f}..{d.high:.4f}) {t.verdict}")
+    for alias, version in cmp.aliases.items():
+        print(f"@{alias} -> {version}")
+    print(f"report: runs:/{args.grid}/compare/report.md")
     return 0
 
 
@@ -422,8 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_synth)
 
-    t = sub.add_parser("train", help="train on an MSD-style folder, log and register in MLflow")
+    t = sub.add_parser(
+        "train",
+        help="train on an MSD-style folder, log and register in MLflow",
+        description="Train one model, or a grid: --folds all and/or --set KEY=a,b cross every "
+        "value under one parent MLflow run (a child run per trial). Example: clinbundle train "
+        "--data data/vessels --folds all --set loss.name=dice_ce,cbdice_cldice",
+    )
     t.add_argument("--data", help="MSD-style folder (or set data.root)")
+    t.add_argument(
+        "--folds",
+        metavar="all|0,1,..",
+        help="train these folds of data.folds (a grid: one parent run, a child run per fold)",
+    )
     t.add_argument(
         "--resume",
         metavar="RUN_ID",
@@ -446,15 +531,30 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(t)
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("promote", help="move @champion to @challenger if it scores better")
+    pr = sub.add_parser(
+        "promote",
+        help="move @champion to @challenger on evidence (paired bootstrap CI)",
+        description="Score @challenger and @champion on the same held-out volumes; move "
+        "@champion only if the lower bound of the paired difference's BCa 95%% CI is above "
+        "--min-improvement. Example: clinbundle promote --model vessel-seg --data data/vessels "
+        "--metric dice --min-improvement 0.01",
+    )
     pr.add_argument("--model", required=True, help="registered model name")
     pr.add_argument("--data", required=True, help="MSD folder whose 'test' pairs are held out")
-    pr.add_argument("--metric", default="dice")
+    pr.add_argument("--metric", default="dice", help="a case metric of the registry (dice)")
     pr.add_argument(
         "--minimum", type=float, default=0.5, help="first champion needs this (default 0.5)"
     )
     pr.add_argument(
-        "--min-improvement", type=float, default=0.0, help="margin over the champion (default 0)"
+        "--min-improvement",
+        type=float,
+        default=0.0,
+        help="the paired CI's lower bound must exceed this, in the metric's direction (default 0)",
+    )
+    pr.add_argument(
+        "--min-volumes",
+        type=int,
+        help="refuse to decide (exit 2) on fewer held-out volumes (default: 3)",
     )
     common(pr)
     pr.set_defaults(func=cmd_promote)
@@ -487,6 +587,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(en)
     en.set_defaults(func=cmd_ensemble)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="every best_* checkpoint and last of a run or grid, on the held-out set, with CIs",
+        description="Evaluate the checkpoints of a training run (or of every run of a grid) on "
+        "the held-out set through the one inference path; one MLflow evaluation run per "
+        "checkpoint (mlflow.models.evaluate, BCa 95%% CIs). Example: clinbundle evaluate "
+        "RUN_ID --data data/vessels; clinbundle evaluate RUN_ID --from-predictions "
+        "--metrics-module mymetrics",
+    )
+    ev.add_argument("run", help="training run id, or a grid's parent run id")
+    ev.add_argument("--data", help="MSD folder with the held-out 'test' pairs (default: the run's)")
+    ev.add_argument("--checkpoints", help="only these, e.g. best_dice,last (default: all)")
+    ev.add_argument(
+        "--from-predictions",
+        action="store_true",
+        help="recompute every registered metric from the saved predictions (no network)",
+    )
+    ev.add_argument("--metrics-module", help="Python module that registers custom metrics")
+    ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    common(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    cp = sub.add_parser(
+        "compare",
+        help="losses x folds x checkpoints of a grid: paired tests, tags, aliases, report",
+        description="Compare a grid's evaluated runs: table, paired bootstrap tests between "
+        "losses, model version tags (is_best_for_loss, ...), per-loss aliases and a Markdown "
+        "report with plots on the grid run. Example: clinbundle compare GRID_RUN_ID --metric dice",
+    )
+    cp.add_argument("grid", help="the grid's parent run id (clinbundle train --folds ...)")
+    cp.add_argument("--metric", default="dice", help="the metric that ranks versions (dice)")
+    cp.add_argument("--metrics-module", help="Python module that registers custom metrics")
+    common(cp)
+    cp.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("quickstart", help="synthetic data -> train -> register -> champion")
     q.add_argument("--min-dice", type=float, default=0.7, help="held-out Dice to become champion")

@@ -2,7 +2,8 @@
 
 Aliases, not stages (MLflow 3): every training registers a version as `challenger`;
 `promote` scores challenger and champion on the same held-out volumes and moves `champion` only
-if the challenger is better, recording the numbers and the decision as tags on both versions.
+if the lower bound of the paired difference's BCa CI clears the margin, recording the numbers,
+the decision and the rule that decided as tags on both versions.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clinbundle.runtime.errors import ModelResolutionError, TrackingError
+from clinbundle.analysis.stats import Interval, mean_ci, paired_difference_ci
+from clinbundle.metric_definitions import case_metrics, compute
+from clinbundle.metric_definitions import get as get_metric
+from clinbundle.runtime.errors import ClinbundleError, ModelResolutionError, TrackingError
 from clinbundle.runtime.geometry import spacing_of
 
 log = logging.getLogger("clinbundle.registry")
@@ -27,6 +31,8 @@ log = logging.getLogger("clinbundle.registry")
 CHALLENGER, CHAMPION = "challenger", "champion"
 #: on runs and versions trained with `--production` (all labelled data, no validation split)
 PRODUCTION_TAG = "clinbundle.production"
+#: Fewest held-out volumes `promote` decides on: below it a bootstrap CI says nothing.
+MIN_VOLUMES = 3
 
 
 def register_challenger(
@@ -63,16 +69,19 @@ class Score:
     version: str
     metric: str
     per_volume: list[float]
-    mean: float
-    ci95: tuple[float, float]
+    interval: Interval
+
+    @property
+    def mean(self) -> float:
+        return self.interval.mean
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return self.interval.low, self.interval.high
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% CI of the mean (paired differences use the same helper)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n, len(values)))
-    means = values[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+class PromotionRefused(ClinbundleError):
+    """Too few held-out volumes to decide anything (the CLI exits 2)."""
 
 
 def load_eval_set(data_dir: Path) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list]:
@@ -96,8 +105,6 @@ def load_eval_set(data_dir: Path) -> tuple[list[str], list[np.ndarray], list[np.
 
 
 def score_version(name: str, version: str, eval_set: tuple, metric: str) -> Score:
-    from clinbundle.training.metrics import segmentation_metrics
-
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     contract = model.metadata.metadata["inference_contract"]
     _, images, labels, affines = eval_set
@@ -107,9 +114,8 @@ def score_version(name: str, version: str, eval_set: tuple, metric: str) -> Scor
         params = {"affine": np.asarray(affine).ravel().tolist(), "output": "labels"}
         pred = model.predict(img[None, None], params=params)[0]
         sp = spacing_of(affine)
-        values.append(segmentation_metrics(pred, lab, contract["num_classes"], sp)[metric])
-    arr = np.array(values)
-    return Score(version, metric, values, float(arr.mean()), bootstrap_ci(arr))
+        values.append(compute(pred, lab, contract["num_classes"], sp, [metric])[metric])
+    return Score(version, metric, values, mean_ci(values))
 
 
 @dataclass
@@ -118,7 +124,57 @@ class Decision:
     reason: str
     challenger: Score
     champion: Score | None
-    difference_ci95: tuple[float, float] | None
+    difference: Interval | None
+    rule: str = ""
+
+    @property
+    def difference_ci95(self) -> tuple[float, float] | None:
+        return None if self.difference is None else (self.difference.low, self.difference.high)
+
+
+#: Which rule decided, recorded as the `promotion_rule` tag.
+RULE_MINIMUM = "first_champion_minimum"
+RULE_PAIRED_CI = "paired_ci_lower_bound"
+RULE_MIN_VOLUMES = "min_volumes"
+
+
+def decide(
+    challenger: Score,
+    champion: Score | None,
+    minimum: float = 0.5,
+    min_improvement: float = 0.0,
+) -> Decision:
+    """The promotion rule, on scores of the same volumes.
+
+    First champion: its mean must reach `minimum` in the metric's direction. Later: the lower
+    bound of the BCa 95% CI of the paired difference (challenger - champion, signed so that
+    positive is better) must be above `min_improvement`: a better mean alone can be noise.
+    """
+    m = get_metric(challenger.metric)
+    if champion is None:
+        ok = m.sign() * (challenger.mean - minimum) >= 0
+        reason = (
+            f"first champion: {m.name} {m.format(challenger.mean)} "
+            f"{'meets' if ok else 'misses'} the minimum {m.format(minimum)}"
+        )
+        return Decision(ok, reason, challenger, None, None, RULE_MINIMUM)
+    diff = paired_difference_ci(challenger.per_volume, champion.per_volume, m.sign())
+    ok = diff.defined and diff.low > min_improvement
+    if not diff.defined:
+        why = f"no paired CI ({diff.note})"
+    elif ok:
+        why = f"CI lower bound {diff.low:.4f} > min improvement {min_improvement}"
+    else:
+        better = diff.mean > min_improvement
+        crosses = " (the mean is better, but the CI does not clear the margin)" if better else ""
+        why = f"CI lower bound {diff.low:.4f} <= min improvement {min_improvement}{crosses}"
+    reason = (
+        f"challenger v{challenger.version} {m.name} {m.format(challenger.mean)} vs champion "
+        f"v{champion.version} {m.format(champion.mean)}: paired difference 95% CI "
+        f"{diff.low:.4f}..{diff.high:.4f} (mean {diff.mean:+.4f}, BCa, n={diff.n}); "
+        f"{'promoted' if ok else 'not promoted'}: {why}"
+    )
+    return Decision(ok, reason, challenger, champion, diff, RULE_PAIRED_CI)
 
 
 def promote(
@@ -127,20 +183,16 @@ def promote(
     metric: str = "dice",
     minimum: float = 0.5,
     min_improvement: float = 0.0,
+    min_volumes: int = MIN_VOLUMES,
 ) -> Decision:
-    """Score @challenger (and @champion, if any) on the held-out set; move champion if better.
+    """Score @challenger (and @champion, if any) on the held-out set; move champion on evidence.
 
-    First champion: the challenger must reach `minimum` on `metric`. Later: its mean must beat
-    the champion's by more than `min_improvement` in the metric's direction. The decision and its
-    numbers are tags on both versions (`promotion_*`), whatever the outcome.
+    The rule is `decide`'s. Fewer than `min_volumes` held-out volumes: no decision at all
+    (`PromotionRefused`, tagged on the challenger). The decision, its numbers and the rule that
+    decided are tags on both versions (`promotion_*`), whatever the outcome.
     """
-    from clinbundle.training.metrics import DIRECTIONS
-
-    if metric not in DIRECTIONS or metric == "val_loss":
-        raise ModelResolutionError(
-            f"cannot promote on '{metric}'; choose one of "
-            f"{[m for m in DIRECTIONS if m != 'val_loss']}"
-        )
+    if metric not in case_metrics():
+        raise ModelResolutionError(f"cannot promote on '{metric}'; choose one of {case_metrics()}")
     client = MlflowClient()
     try:
         client.get_registered_model(name)
@@ -167,30 +219,22 @@ def promote(
         )
 
     eval_set = load_eval_set(data_dir)
-    sign = 1.0 if DIRECTIONS[metric] == "max" else -1.0
+    if len(eval_set[0]) < min_volumes:
+        why = (
+            f"{data_dir} has {len(eval_set[0])} held-out volume(s), fewer than --min-volumes "
+            f"{min_volumes}: too few to decide on; add labelled 'test' volumes"
+        )
+        tags = {"promotion_decision": "refused", "promotion_rule": RULE_MIN_VOLUMES}
+        for k, v in (tags | {"promotion_reason": why}).items():
+            client.set_model_version_tag(name, challenger.version, k, v)
+        raise PromotionRefused(why)
     ch = score_version(name, str(challenger.version), eval_set, metric)
-    if champion is None:
-        cp, diff_ci = None, None
-        ok = sign * (ch.mean - minimum) >= 0
-        reason = (
-            f"first champion: {metric} {ch.mean:.4f} "
-            f"{'meets' if ok else 'misses'} the minimum {minimum}"
-        )
-    else:
-        cp = score_version(name, str(champion.version), eval_set, metric)
-        diff = sign * (np.array(ch.per_volume) - np.array(cp.per_volume))
-        diff_ci = bootstrap_ci(diff)
-        ok = float(diff.mean()) > min_improvement
-        reason = (
-            f"challenger v{ch.version} {metric} {ch.mean:.4f} vs champion v{cp.version} "
-            f"{cp.mean:.4f}: {'better' if ok else 'not better'} by more than {min_improvement} "
-            f"(paired difference 95% CI {diff_ci[0]:.4f}..{diff_ci[1]:.4f})"
-        )
-    decision = Decision(ok, reason, ch, cp, diff_ci)
+    cp = None if champion is None else score_version(name, str(champion.version), eval_set, metric)
+    decision = decide(ch, cp, minimum, min_improvement)
     _record(name, decision, eval_set[0], data_dir)
-    if ok:
+    if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, ch.version)
-    log.info("promotion of %s v%s: %s", name, ch.version, reason)
+    log.info("promotion of %s v%s: %s", name, ch.version, decision.reason)
     return decision
 
 
@@ -202,6 +246,7 @@ def _record(name: str, d: Decision, cases: list[str], data_dir: Path) -> None:
         "promotion_metric": d.challenger.metric,
         "promotion_eval_set": f"{data_dir} ({len(cases)} volumes: {','.join(cases)})"[:4000],
         "promotion_reason": d.reason,
+        "promotion_rule": d.rule,
     }
     for score, role in ((d.challenger, CHALLENGER), (d.champion, CHAMPION)):
         if score is None:
@@ -217,5 +262,8 @@ def _record(name: str, d: Decision, cases: list[str], data_dir: Path) -> None:
             tags["promotion_challenger_version"] = d.challenger.version
         elif d.champion is not None:
             tags["promotion_champion_version"] = d.champion.version
+        if d.difference is not None:
+            diff = d.difference
+            tags["promotion_difference_ci95"] = f"{diff.low:.6f},{diff.high:.6f}"
         for k, v in tags.items():
             client.set_model_version_tag(name, score.version, k, v)

@@ -100,3 +100,13 @@ def test_runtime_core_and_serving_import_no_build_or_training_code() -> None:
         imported = _clinbundle_imports(path) - {"clinbundle", "clinbundle.apps"}
         bad = {m for m in imported if not m.startswith(allowed)}
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_metric_definitions_and_statistics_need_no_training_code() -> None:
+    """The demo and the model card read the metric registry; serving may not pull in training."""
+    for path in (
+        REPO / "clinbundle" / "metric_definitions.py",
+        REPO / "clinbundle" / "analysis" / "stats.py",
+    ):
+        bad = {m for m in _clinbundle_imports(path) if not m.startswith("clinbundle.runtime")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"

@@ -47,3 +47,28 @@ def test_cldice_edge_cases_and_directions() -> None:
     assert set(DIRECTIONS.values()) == {"min", "max"} and DIRECTIONS["compound"] == "max"
     assert is_better("masd", 1.0, 2.0) and not is_better("dice", 0.5, 0.6)
     assert is_better("dice", 0.1, None) and not is_better("dice", float("nan"), None)
+
+
+def test_metric_registry_defines_each_metric_once_and_takes_custom_ones() -> None:
+    from clinbundle import metric_definitions as M
+    from clinbundle.runtime.errors import ConfigError
+
+    assert M.get("masd").format(1.23456) == "1.235 mm" and M.get("dice").unit == ""
+    assert all(m.description for m in M.all_metrics())
+    with pytest.raises(ConfigError, match="already defined"):
+        M.register(M.MetricDef("dice", "max", "", ".4f", "again", lambda c: 0.0))
+    with pytest.raises(ConfigError, match="unknown metric 'nope'"):
+        M.get("nope")
+    volume = M.MetricDef("pred_volume_ml", "max", "ml", ".2f", "predicted volume", lambda c: _ml(c))
+    M.register(volume)
+    try:
+        t = _tube()
+        m = segmentation_metrics(t, t, 2, (0.5, 0.5, 0.5))  # the loop computes it like the rest
+        assert m["pred_volume_ml"] == pytest.approx(t.sum() * 0.125 / 1000)
+        assert "pred_volume_ml" in M.directions() and "pred_volume_ml" not in DIRECTIONS
+    finally:
+        M.unregister("pred_volume_ml")
+
+
+def _ml(case) -> float:
+    return float((case.pred > 0).sum() * np.prod(case.spacing) / 1000)

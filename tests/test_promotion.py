@@ -8,7 +8,18 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from clinbundle.registry import CHALLENGER, CHAMPION, promote, register_challenger
+from clinbundle.cli import main
+from clinbundle.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RULE_MIN_VOLUMES,
+    RULE_PAIRED_CI,
+    decide,
+    load_eval_set,
+    promote,
+    register_challenger,
+    score_version,
+)
 from clinbundle.runtime.networks import build_network
 from clinbundle.servable import log_segmentation_model
 from clinbundle.tracking import experiment_id
@@ -20,13 +31,13 @@ def tracking_workdir():
     return Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent
 
 
-def _register_untrained(contract) -> str:
+def _register_untrained(contract, name: str = NAME) -> str:
     torch.manual_seed(123)
     weights = build_network(contract.network).state_dict()
     exp = experiment_id("tests", tracking_workdir())
     with mlflow.start_run(experiment_id=exp, run_name="untrained"):
         info = log_segmentation_model(weights, contract)
-    return register_challenger(info.model_uri, NAME)
+    return register_challenger(info.model_uri, name)
 
 
 def _alias(alias: str) -> str:
@@ -61,6 +72,9 @@ def test_worse_challenger_loses_better_one_wins(tracking) -> None:
     lo, hi = map(float, good_tags["promotion_ci95"].split(","))
     assert lo <= float(good_tags["promotion_mean"]) <= hi
     assert "paired difference 95% CI" in good_tags["promotion_reason"]
+    assert good_tags["promotion_rule"] == RULE_PAIRED_CI
+    dlo, dhi = map(float, good_tags["promotion_difference_ci95"].split(","))
+    assert 0 < dlo <= dhi
 
     # another untrained challenger does not take champion; the champion's tags say why
     v_worse = _register_untrained(contract)
@@ -70,3 +84,47 @@ def test_worse_challenger_loses_better_one_wins(tracking) -> None:
     assert client.get_model_version(NAME, v_worse).tags["promotion_decision"] == "rejected"
     assert client.get_model_version(NAME, v_good).tags["promotion_decision"] == "kept"
     assert client.get_model_version(NAME, v_good).tags["promotion_metric"] == "masd"
+
+
+def test_better_mean_whose_ci_does_not_clear_the_margin_is_not_promoted(tracking) -> None:
+    """Real models on the real held-out set: the trained challenger beats an untrained champion
+    on mean Dice; with a margin between the paired CI's lower bound and the mean difference the
+    old rule (mean > margin) would promote it, the evidence rule does not, and says why."""
+    name = "promotion-ci-test"
+    client = MlflowClient()
+    _register_untrained(tracking.state.contract, name)
+    assert promote(name, tracking.data, metric="dice", minimum=0.0).promoted
+    v_good = register_challenger(tracking.state.extra["model_uri"], name)
+    eval_set = load_eval_set(tracking.data)
+    champion_version = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    probe = decide(
+        score_version(name, v_good, eval_set, "dice"),
+        score_version(name, champion_version, eval_set, "dice"),
+    )
+    diff = probe.difference
+    assert diff is not None and diff.low < diff.mean, probe.reason
+    margin = (diff.low + diff.mean) / 2  # the mean clears it, the CI's lower bound does not
+
+    d = promote(name, tracking.data, metric="dice", min_improvement=margin)
+    assert not d.promoted and d.difference.mean > margin
+    tags = client.get_model_version(name, v_good).tags
+    assert tags["promotion_decision"] == "rejected" and tags["promotion_rule"] == RULE_PAIRED_CI
+    assert "the mean is better, but the CI does not clear the margin" in tags["promotion_reason"]
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == champion_version
+
+
+def test_too_few_volumes_refuse_to_decide(tracking, capsys) -> None:
+    name = "promotion-volumes-test"
+    _register_untrained(tracking.state.contract, name)
+    n = len(load_eval_set(tracking.data)[0])
+    args = ["promote", "--model", name, "--data", str(tracking.data), "--minimum", "0"]
+    code = main([*args, "--min-volumes", str(n + 1), "--workdir", str(tracking.workdir)])
+    assert code == 2
+    assert f"{n} held-out volume(s), fewer than --min-volumes {n + 1}" in capsys.readouterr().err
+    tags = MlflowClient().get_model_version(name, _alias_of(name, CHALLENGER)).tags
+    assert tags["promotion_decision"] == "refused" and tags["promotion_rule"] == RULE_MIN_VOLUMES
+    assert MlflowClient().get_registered_model(name).aliases.get(CHAMPION) is None
+
+
+def _alias_of(name: str, alias: str) -> str:
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)

@@ -47,6 +47,7 @@ class LossConfig(_Section):
     name: str = "dice_ce"
     cldice_alpha: float = Field(0.5, ge=0.0, le=1.0)
     cldice_iters: int = Field(3, ge=1)
+    cbdice_weight: float = Field(1.0, ge=0.0)  # weight of the cbDice term in `cbdice_cldice`
 
 
 class TrainConfig(_Section):

@@ -1,14 +1,15 @@
-"""Losses by name, from MONAI."""
+"""Losses by name, from MONAI (and cbDice, see `clinbundle.training.cbdice`)."""
 
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss, SoftDiceclDiceLoss
+from monai.losses import DiceCELoss, SoftclDiceLoss, SoftDiceclDiceLoss
 
 from clinbundle.runtime.errors import ConfigError
+from clinbundle.training.cbdice import CbDiceLoss
 from clinbundle.training.config import LossConfig
 
-LOSSES = ("dice_ce", "cldice")
+LOSSES = ("dice_ce", "cldice", "cbdice_cldice")
 
 
 class _OneHotDiceclDice(torch.nn.Module):
@@ -22,9 +23,33 @@ class _OneHotDiceclDice(torch.nn.Module):
         return self.loss(logits, target)
 
 
+class CbDiceClDiceLoss(torch.nn.Module):
+    """Dice + CE + alpha clDice + w cbDice: the reference's compound (CE + Dice + cbDice) with
+    MONAI's soft clDice on the foreground classes added, as vessel teams train it."""
+
+    def __init__(self, iters: int, cldice_weight: float, cbdice_weight: float) -> None:
+        super().__init__()
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.cldice = SoftclDiceLoss(
+            iter_=iters, softmax=True, to_onehot_y=True, include_background=False
+        )
+        self.cbdice = CbDiceLoss(iters)
+        self.cldice_weight, self.cbdice_weight = cldice_weight, cbdice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.dice_ce(logits, target)
+        if self.cldice_weight:
+            loss = loss + self.cldice_weight * self.cldice(logits, target)
+        if self.cbdice_weight:
+            loss = loss + self.cbdice_weight * self.cbdice(logits, target)
+        return loss
+
+
 def build_loss(cfg: LossConfig) -> torch.nn.Module:
     if cfg.name == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if cfg.name == "cldice":
         return _OneHotDiceclDice(cfg.cldice_iters, cfg.cldice_alpha)
+    if cfg.name == "cbdice_cldice":
+        return CbDiceClDiceLoss(cfg.cldice_iters, cfg.cldice_alpha, cfg.cbdice_weight)
     raise ConfigError(f"unknown loss '{cfg.name}'; choose one of {list(LOSSES)}")

@@ -70,7 +70,9 @@ def _prepare(
     configure_tracking(workdir, cfg.tracking.tracking_uri)
     log.debug("resolved config:\n%s", config_to_yaml(cfg))
     exp = experiment_id(cfg.tracking.experiment, workdir)
-    run_name = f"{cfg.model.name}-fold{cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = (
+        f"{cfg.model.name}-{cfg.loss.name}-fold{cfg.data.fold}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     return cfg, exp, run_name, None, None
 
 
@@ -81,8 +83,11 @@ def run_training(
     data_root: Path | None = None,
     extra_callbacks: list[Callback] | None = None,
     resume: str | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainState:
     """Resolve the config, connect MLflow, train with the MLflow callback; return the state.
+
+    `parent_run_id` makes the run a child of a grid's parent run (`clinbundle.training.grid`).
 
     `resume` is a run id or `latest`: that run's `last` is downloaded and the same MLflow run is
     continued (its own config; `overrides` may only change the keys in RESUME_OVERRIDABLE).
@@ -107,7 +112,9 @@ def run_training(
         callbacks: list[Callback] = []
         if info.is_main:
             callbacks = [
-                MLflowCallback(exp, run_name=run_name, resume_run_id=run_id),
+                MLflowCallback(
+                    exp, run_name=run_name, resume_run_id=run_id, parent_run_id=parent_run_id
+                ),
                 *(extra_callbacks or []),
             ]
         return train(cfg, out_dir, callbacks, resume=checkpoint)

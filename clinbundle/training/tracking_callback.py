@@ -88,11 +88,13 @@ class MLflowCallback(Callback):
         run_name: str | None = None,
         register: bool = True,
         resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
     ):
         self.experiment_id = experiment_id
         self.run_name = run_name
         self.register = register
         self.resume_run_id = resume_run_id
+        self.parent_run_id = parent_run_id  # a grid's parent run (clinbundle.training.grid)
         self.run_id: str | None = resume_run_id
         self.spool: RunSpool | None = None
         self._http: dict[str, str | None] = {}
@@ -113,6 +115,8 @@ class MLflowCallback(Callback):
                 experiment_id=self.experiment_id,
                 run_name=self.run_name,
                 log_system_metrics=cfg.tracking.system_metrics,
+                parent_run_id=self.parent_run_id,
+                tags={"clinbundle.grid": self.parent_run_id} if self.parent_run_id else None,
             )
             self.run_id = run.info.run_id
             self.spool = RunSpool(
@@ -175,6 +179,7 @@ class MLflowCallback(Callback):
                 "data_min_shape": list(ds.min_shape),
                 "loss_name": cfg.loss.name,
                 "loss_cldice_alpha": cfg.loss.cldice_alpha,
+                "loss_cbdice_weight": cfg.loss.cbdice_weight,
                 "train_epochs": cfg.train.epochs,
                 "train_lr": cfg.train.lr,
                 "train_weight_decay": cfg.train.weight_decay,

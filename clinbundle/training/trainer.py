@@ -50,7 +50,7 @@ from clinbundle.training.compute import Decision, resolve_compute
 from clinbundle.training.config import Config
 from clinbundle.training.distributed import DistInfo, barrier, dist_info, reduce_step
 from clinbundle.training.losses import build_loss
-from clinbundle.training.metrics import DIRECTIONS, is_better, segmentation_metrics
+from clinbundle.training.metrics import directions, is_better, segmentation_metrics
 
 log = logging.getLogger("clinbundle.train")
 
@@ -214,9 +214,10 @@ def train(
         )
     spec = network_spec(cfg.model.name, 1, ds.num_classes, cfg.model.filters)
     loss_fn = build_loss(cfg.loss)
-    if cfg.train.selection_metric not in DIRECTIONS:
+    if cfg.train.selection_metric not in directions():
         raise ConfigError(
-            f"train.selection_metric '{cfg.train.selection_metric}' is not one of {list(DIRECTIONS)}"
+            f"train.selection_metric '{cfg.train.selection_metric}' is not one of "
+            f"{list(directions())}"
         )
     divisor = spatial_divisor(spec)
     geo, geo_why, grid_shapes = D.resolve_geometry(ds, cfg.data)
@@ -422,7 +423,7 @@ def train(
                         out_dir / "val_predictions",
                     )
                     metrics |= val
-                    for name in DIRECTIONS:
+                    for name in directions():
                         if is_better(name, val[name], state.best.get(name)):
                             state.best[name], state.best_epoch[name] = val[name], epoch
                             path = atomic_save(
@@ -445,7 +446,7 @@ def train(
                     save_last(epoch, 0, [])
                 if main:
                     hist = json.dumps(
-                        {"directions": DIRECTIONS, "history": state.history}, indent=2
+                        {"directions": directions(), "history": state.history}, indent=2
                     )
                     announce(atomic_write_bytes(hist.encode(), out_dir / "metric_history.json"), "")
                 cb.on_epoch_end(state, metrics)

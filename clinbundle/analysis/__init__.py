@@ -1,0 +1,1 @@
+"""Post-training analysis: statistics, evaluation of every checkpoint, comparison of a grid."""
