@@ -136,7 +136,7 @@ log "mlflow server at $URL (sqlite backend, artifacts proxied to $E2E/mlflow/art
 took
 
 step "train in the container against the server"
-"$BIN/clinbundle" data synth --out "$E2E/data" --n 6 --n-test 2 --shape 32 32 32 --seed 0 >/dev/null
+"$BIN/clinbundle" data synth --out "$E2E/data" --n 6 --n-test 3 --shape 32 32 32 --seed 0 >/dev/null
 CONTAINERS+=(cb-train-$$)
 podman run --name "cb-train-$$" --network host -v "$E2E/data:/data:ro" \
     -e "MLFLOW_TRACKING_URI=$URL" "$TRAIN_IMAGE" train --data /data "${TRAIN_SET[@]}" \
