@@ -113,13 +113,14 @@ def test_monai_verifies_metadata_offline_and_the_network(bundle: Path, tmp_path:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data shape of network is verified with no error" in r.stdout + r.stderr
     # the shipped schema is a real check: metadata without its I/O declaration fails it
+    from monai.bundle import verify_metadata
+
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     del meta["network_data_format"]["outputs"]
     bad = tmp_path / "metadata.json"
     bad.write_text(json.dumps(meta))
-    schema = str(bundle / "configs/metadata_schema.json")
-    r = monai_bundle_cli(bundle, "verify_metadata", "--meta_file", str(bad), "--filepath", schema)
-    assert r.returncode != 0 and "outputs" in r.stdout + r.stderr
+    with pytest.raises(ValueError, match="outputs"):
+        verify_metadata(meta_file=str(bad), filepath=str(bundle / "configs/metadata_schema.json"))
 
 
 def test_monai_bundle_run_gives_the_pytorch_labels(
