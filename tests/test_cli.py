@@ -69,6 +69,14 @@ def test_synth_same_seed_same_bytes(tmp_path: Path) -> None:
             "no registered model named 'nobody'",
         ),
         (["verify", "no-such-bundle"], "is not a folder"),
+        (
+            ["package", "monai-bundle", "--model", "models:/nobody@champion", "--out", "b"],
+            "no registered model named 'nobody'",
+        ),
+        (
+            ["package", "monai-bundle", "--out", "b", "--sign-key", "k.pem"],
+            "--sign-key is not supported for a MONAI bundle",
+        ),
     ],
 )
 def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) -> None:

@@ -89,7 +89,7 @@ def write_bundle_files(model: ResolvedModel, network: torch.nn.Module, root: Pat
     _dump(root / METADATA, cfg.metadata(c, model, card))
     _dump(root / cfg.SCHEMA_FILE, cfg.metadata_schema())
     _dump(root / INFERENCE, cfg.inference_config(c))
-    _dump(root / PROBABILITIES, cfg.probabilities_overlay())
+    _dump(root / PROBABILITIES, cfg.probabilities_overlay(c))
     (root / "models").mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     torch.save(state, root / "models" / "model.pt")
