@@ -150,14 +150,17 @@ def run_bundle(root: Path, input_dir: Path, output_dir: Path, device: str = "cpu
     its seconds, or BundleError with the end of its log."""
     env = dict(os.environ, PYTHONPATH="")  # only the bundle and installed packages
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        run_command(root, input_dir, output_dir, device),
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    try:
+        proc = subprocess.run(
+            run_command(root, input_dir, output_dir, device),
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"`python -m monai.bundle run` took over {RUN_TIMEOUT_S} s") from None
     if proc.returncode != 0:
         raise BundleError(
             f"`python -m monai.bundle run` failed (exit {proc.returncode}):\n"
