@@ -183,6 +183,7 @@ def assert_same_labels(work: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # training, four formats with their parity runs, then the path
 def test_quickstart_packages_every_format_and_the_readme_path_runs(tmp_path: Path) -> None:
     r = run(["quickstart", "--package", "--workdir", "work"], tmp_path, timeout=2400)
     assert r.returncode == 0, r.stderr[-3000:]
