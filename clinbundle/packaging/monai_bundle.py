@@ -21,7 +21,8 @@ Layout (Project-MONAI/model-zoo `models/spleen_ct_segmentation`):
 
 The network is `monai.networks.nets.<family>` built from the contract's kwargs: no clinbundle
 code is needed to load the bundle. The one script is the grid (see `runtime/model_grid.py`):
-MONAI's `Spacingd` anchors its grid differently, and parity showed it.
+MONAI's `Spacingd` anchors its grid differently, and the parity check failed with it on the
+anisotropic and oblique cases (README, MONAI bundle).
 """
 
 from __future__ import annotations
