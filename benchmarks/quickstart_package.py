@@ -6,7 +6,9 @@ promotion, then every format parity-checked (issue 18.5's goal: under 5 minutes 
 Runs the real command in a fresh work dir as a process of its own and reports the wall time,
 the time to the champion and each format's seconds (from the command's own output), with the
 machine's cores and its load average before and after: a load above the core count means other
-work shared the CPUs and the numbers are upper bounds.
+work shared the CPUs and the times are upper bounds. The CPU seconds of the command and all its
+children (user + system) do not grow with contention: on 2 idle cores the wall time is at least
+half of them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +50,7 @@ def main() -> int:
             champion_s = time.perf_counter() - t0
     total = time.perf_counter() - t0
     proc.wait()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     formats = {
         m[1]: float(m[2])
         for m in (re.match(r"  (.+?): \S+ \((\d+) s; parity", x) for x in lines)
@@ -57,6 +61,7 @@ def main() -> int:
         "exit_code": proc.returncode,
         "total_s": round(total, 1),
         "to_champion_s": None if champion_s is None else round(champion_s, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "formats_s": formats,
         "goal_s": 300,
         "cpu_count": os.cpu_count(),

@@ -92,6 +92,14 @@ def test_synth_same_seed_same_bytes(tmp_path: Path) -> None:
             "no registered model named 'nobody'",
         ),
         (["verify", "no-such-bundle"], "is not a folder"),
+        (
+            ["package", "monai-bundle", "--model", "models:/nobody@champion", "--out", "b"],
+            "no registered model named 'nobody'",
+        ),
+        (
+            ["package", "monai-bundle", "--out", "b", "--sign-key", "k.pem"],
+            "--sign-key is not supported for a MONAI bundle",
+        ),
     ],
 )
 def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) -> None:
@@ -199,6 +207,7 @@ def assert_same_labels(work: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # training, four formats with their parity runs, then the path
 def test_quickstart_packages_every_format_and_the_readme_path_runs(tmp_path: Path) -> None:
     r = run(["quickstart", "--package", "--workdir", "work"], tmp_path, timeout=2400)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -21,7 +21,8 @@ Layout (Project-MONAI/model-zoo `models/spleen_ct_segmentation`):
 
 The network is `monai.networks.nets.<family>` built from the contract's kwargs: no clinbundle
 code is needed to load the bundle. The one script is the grid (see `runtime/model_grid.py`):
-MONAI's `Spacingd` anchors its grid differently, and parity showed it.
+MONAI's `Spacingd` anchors its grid differently, and the parity check failed with it on the
+anisotropic and oblique cases (README, MONAI bundle).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def write_bundle_files(model: ResolvedModel, network: torch.nn.Module, root: Pat
     _dump(root / METADATA, cfg.metadata(c, model, card))
     _dump(root / cfg.SCHEMA_FILE, cfg.metadata_schema())
     _dump(root / INFERENCE, cfg.inference_config(c))
-    _dump(root / PROBABILITIES, cfg.probabilities_overlay())
+    _dump(root / PROBABILITIES, cfg.probabilities_overlay(c))
     (root / "models").mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     torch.save(state, root / "models" / "model.pt")
@@ -150,14 +151,17 @@ def run_bundle(root: Path, input_dir: Path, output_dir: Path, device: str = "cpu
     its seconds, or BundleError with the end of its log."""
     env = dict(os.environ, PYTHONPATH="")  # only the bundle and installed packages
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        run_command(root, input_dir, output_dir, device),
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    try:
+        proc = subprocess.run(
+            run_command(root, input_dir, output_dir, device),
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"`python -m monai.bundle run` took over {RUN_TIMEOUT_S} s") from None
     if proc.returncode != 0:
         raise BundleError(
             f"`python -m monai.bundle run` failed (exit {proc.returncode}):\n"

@@ -92,18 +92,6 @@ def inference_config(contract: InferenceContract) -> dict[str, Any]:
     """configs/inference.json: `python -m monai.bundle run` segments every NIfTI file of
     `dataset_dir` into `output_dir` (`<name>_seg.nii.gz`, uint8 labels on the input's grid)."""
     geometry_items, geometry_pre, inverted = _geometry(contract)
-    largest = contract.postprocessing.largest_component
-    label_transforms: list[Any] = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
-    if largest:
-        label_transforms.append(
-            {
-                "_target_": "KeepLargestConnectedComponentd",
-                "keys": "pred",
-                "applied_labels": largest,
-                "is_onehot": False,
-            }
-        )
-    label_transforms.append(_saver("seg", "$np.uint8"))
     return {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
@@ -154,25 +142,7 @@ def inference_config(contract: InferenceContract) -> dict[str, Any]:
             "mode": contract.blend_mode,
         },
         "inverse_geometry": {"_target_": "Compose", "transforms": inverted},
-        "probability_postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {
-                    "_target_": "Invertd",
-                    "keys": "pred",
-                    "transform": "@inverse_geometry",
-                    "orig_keys": "image",
-                    "nearest_interp": False,
-                    "to_tensor": True,
-                },
-            ],
-        },
-        "label_postprocessing": {"_target_": "Compose", "transforms": label_transforms},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": ["@probability_postprocessing", "@label_postprocessing"],
-        },
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing(contract)},
         "handlers": [
             {
                 "_target_": "CheckpointLoader",
@@ -196,18 +166,39 @@ def inference_config(contract: InferenceContract) -> dict[str, Any]:
     }
 
 
-def probabilities_overlay() -> dict[str, Any]:
-    """configs/inference_probabilities.json, merged after inference.json: also saves the softmax
-    probabilities on the input's grid (`<name>_prob.nii.gz`, float32, classes last), the
-    contract's output; the parity check compares them with PyTorch's."""
+def postprocessing(contract: InferenceContract, probabilities: bool = False) -> list[dict]:
+    """softmax -> Invertd (back to the input's grid) -> [save probabilities] -> argmax ->
+    [largest component] -> save labels: one flat list, as Model Zoo bundles have it."""
+    steps: list[dict] = [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {"_target_": "Invertd", "keys": "pred", "transform": "@inverse_geometry",
+         "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
+    ]  # fmt: skip
+    if probabilities:
+        steps.append(_saver("prob", "$np.float32"))
+    steps.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
+    largest = contract.postprocessing.largest_component
+    if largest:
+        steps.append(
+            {
+                "_target_": "KeepLargestConnectedComponentd",
+                "keys": "pred",
+                "applied_labels": largest,
+                "is_onehot": False,
+            }
+        )
+    return [*steps, _saver("seg", "$np.uint8")]
+
+
+def probabilities_overlay(contract: InferenceContract) -> dict[str, Any]:
+    """configs/inference_probabilities.json, merged after inference.json: the same
+    postprocessing, which also saves the softmax probabilities on the input's grid
+    (`<name>_prob.nii.gz`, float32, classes last), the contract's output; the parity check
+    compares them with PyTorch's."""
     return {
         "postprocessing": {
             "_target_": "Compose",
-            "transforms": [
-                "@probability_postprocessing",
-                _saver("prob", "$np.float32"),
-                "@label_postprocessing",
-            ],
+            "transforms": postprocessing(contract, probabilities=True),
         }
     }
 

@@ -26,8 +26,6 @@ from monai.transforms import SpatialResample
 from clinbundle.runtime.errors import InputError
 from clinbundle.runtime.model_grid import SPACING_RTOL, model_grid, spacing_of
 
-__all__ = ["SPACING_RTOL", "Grid", "Plan", "check_affine", "plan", "spacing_of"]
-
 log = logging.getLogger("clinbundle.geometry")
 
 #: Voxels of one output slab of a resampling (bounds its sampling grid: 12 bytes per voxel).
