@@ -257,7 +257,13 @@ def _runtime_options(args: argparse.Namespace):
     shape = tuple(args.bench_shape) if args.bench_shape else None
     if shape is not None and min(shape) < 1:
         raise ClinbundleError(f"--bench-shape {list(shape)}: sizes must be >= 1")
-    return RuntimeOptions(not args.onnxruntime_only, args.threads, shape, bf16)
+    from clinbundle.packaging.onnx_bundle import package_runtimes_default
+
+    try:
+        which = args.runtimes or package_runtimes_default()
+    except ValueError as e:
+        raise ClinbundleError(str(e)) from None
+    return RuntimeOptions(which == "all", args.threads, shape, bf16)
 
 
 def cmd_package_onnx(args: argparse.Namespace) -> int:
@@ -673,7 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="volume the candidates are timed on (default: twice the roi)",
         )
         rt.add_argument(
-            "--onnxruntime-only", action="store_true", help="ship ONNX Runtime only, untimed"
+            "--runtimes",
+            choices=["all", "onnxruntime"],
+            help="all: measure every candidate (default; CLINBUNDLE_PACKAGE_RUNTIMES); "
+            "onnxruntime: ship ONNX Runtime only, untimed",
         )
         rt.add_argument(
             "--bf16-max-abs",

@@ -55,6 +55,9 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     for k in saved:
         os.environ.pop(k, None)
     os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml")))
+    # measuring every runtime candidate costs ~1 min per packaging on 2 cores: only the
+    # session's `packaged` bundle and the tests that are about runtimes ask for it
+    os.environ.setdefault("CLINBUNDLE_PACKAGE_RUNTIMES", "onnxruntime")
     strays = [Path.cwd() / "mlruns", Path.cwd() / "mlflow.db", REPO / "mlruns", REPO / "mlflow.db"]
     before = {p for p in strays if p.exists()}
     yield
@@ -115,15 +118,19 @@ class Packaged:
 
 @pytest.fixture(scope="session")
 def packaged(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Packaged:
-    """The session's champion resolved from the registry and packaged once as an ONNX bundle."""
+    """The session's champion resolved from the registry and packaged once as an ONNX bundle,
+    with every runtime candidate measured (issue 15)."""
     from clinbundle.packaging.model_source import resolve_model
-    from clinbundle.packaging.onnx_bundle import build_onnx_bundle
+    from clinbundle.packaging.onnx_bundle import RuntimeOptions, build_onnx_bundle
 
     mlflow.set_tracking_uri(trained.tracking_uri)
     mlflow.set_registry_uri(trained.tracking_uri)
     model = resolve_model(f"models:/{trained.name}@champion", trained.workdir / "cache" / "models")
     out = tmp_path_factory.mktemp("bundles") / "onnx"
-    bundle, report = build_onnx_bundle(model, out, device="cpu")
+    # every runtime candidate, timed on a volume 1.5x the roi (8 windows) to keep it cheap
+    timing = tuple(3 * r // 2 for r in model.contract.roi_size)
+    options = RuntimeOptions(enabled=True, bench_shape=timing)
+    bundle, report = build_onnx_bundle(model, out, device="cpu", runtimes=options)
     return Packaged(trained, model, bundle, report)
 
 

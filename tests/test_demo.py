@@ -148,6 +148,11 @@ def test_nifti_with_a_singleton_fourth_axis_is_accepted(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- runtimes, reviews
 
 
+def default_runtime(bundle: Path) -> str:
+    """The runtime the bundle measured fastest at packaging: what the demo runs (issue 15)."""
+    return json.loads((bundle / "manifest.json").read_text())["runtimes"]["default"]
+
+
 @pytest.fixture(scope="module")
 def reviewer(packaged, tmp_path_factory) -> ReviewerDemo:
     """PyTorch (the registered champion) and its ONNX bundle, side by side."""
@@ -155,11 +160,12 @@ def reviewer(packaged, tmp_path_factory) -> ReviewerDemo:
     return ReviewerDemo(runtimes, _samples(packaged.trained), tmp_path_factory.mktemp("out"))
 
 
-def test_pytorch_and_onnx_segment_a_sample_alike(reviewer: ReviewerDemo) -> None:
+def test_pytorch_and_onnx_segment_a_sample_alike(reviewer: ReviewerDemo, packaged) -> None:
     name = sorted(reviewer.samples)[0]
     torch_case, _torch_file = reviewer.segment(reviewer.load_sample(name), "PyTorch")
     onnx_case, onnx_file = reviewer.segment(reviewer.load_sample(name), "ONNX bundle")
-    assert reviewer.runtime("ONNX bundle").description.endswith("CPUExecutionProvider")
+    described = reviewer.runtime("ONNX bundle").description
+    assert default_runtime(packaged.bundle) in described, described
     assert "pytorch" in reviewer.runtime("PyTorch").description
     # the same model through the shared sliding-window path: near-identical labels
     assert (torch_case.prediction != onnx_case.prediction).mean() < 1e-3
@@ -258,7 +264,8 @@ def test_endpoint_runtime_against_a_real_http_service(packaged, tmp_path: Path) 
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         rt = endpoint_runtime(url)
-        assert rt.info.run_id == packaged.model.run_id and "CPUExecutionProvider" in rt.description
+        assert rt.info.run_id == packaged.model.run_id
+        assert default_runtime(packaged.bundle) in rt.description
         image, _label = next(iter(_samples(packaged.trained).values()))
         volume, affine = read_volume(image)
         volume = volume.astype(np.float32)
@@ -359,7 +366,7 @@ def _image_bytes(page, selector: str) -> tuple[str, bytes]:
 
 
 @pytest.mark.slow
-def test_reviewer_flow_in_a_real_browser(demo_server, tracking, tmp_path: Path) -> None:
+def test_reviewer_flow_in_a_real_browser(demo_server, tracking, packaged, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     executable = chromium_path()
@@ -385,7 +392,7 @@ def test_reviewer_flow_in_a_real_browser(demo_server, tracking, tmp_path: Path) 
             page.get_by_role("option", name="vessel_t000").click()
             expect(page.locator("#status")).to_contain_text("Loaded vessel_t000")
             page.locator("#runtime").get_by_text("ONNX bundle").click()
-            expect(page.locator("#run-info")).to_contain_text("CPUExecutionProvider")
+            expect(page.locator("#run-info")).to_contain_text(default_runtime(packaged.bundle))
             page.locator("#run").click()
             expect(page.locator("#run-info")).to_contain_text("ONNX bundle took")
             expect(page.locator("#dice")).to_contain_text("Dice vs ground truth: vessel")

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 def map_dir(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
     t = packaged.trained
     out = tmp_path_factory.mktemp("map") / "ctx"
-    rc = package_champion(t, "map", out)
+    rc = package_champion(t, "map", out, "--runtimes", "all", "--bench-shape", "48", "48", "48")
     assert rc == 0
     return out
 

@@ -240,7 +240,8 @@ def pytorch_runtime(model: Any, device: str = "auto") -> DemoRuntime:
 
 
 def onnx_bundle_runtime(path: Path, device: str = "auto") -> DemoRuntime:
-    """An ONNX bundle through ONNX Runtime; its model card and parity report come with it."""
+    """An ONNX bundle through its default runtime (measured at packaging; CLINBUNDLE_RUNTIME
+    overrides); its model card and parity report come with it."""
     from clinbundle.runtime.bundle_reader import load_bundle
 
     bundle = load_bundle(Path(path), device)

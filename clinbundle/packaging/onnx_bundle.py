@@ -23,7 +23,8 @@ Bundle layout (a folder a stranger can read):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -164,13 +165,25 @@ def build_onnx_bundle(
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """Runtime candidates at packaging: off, threads (default physical cores), the timing
-    volume's shape (default twice the roi) and the bf16 candidate's tolerances (Dice rule)."""
+    """Runtime candidates at packaging: on or off (default: CLINBUNDLE_PACKAGE_RUNTIMES, "all"
+    or "onnxruntime"), threads (default physical cores), the timing volume's shape (default
+    twice the roi) and the bf16 candidate's tolerances (Dice rule)."""
 
-    enabled: bool = True
+    enabled: bool = field(default_factory=lambda: package_runtimes_default() == "all")
     threads: int | None = None
     bench_shape: tuple[int, ...] | None = None
     bf16_tolerances: Tolerances = BF16_TOLERANCES
+
+
+PACKAGE_RUNTIMES_ENV = "CLINBUNDLE_PACKAGE_RUNTIMES"
+
+
+def package_runtimes_default() -> str:
+    """ "all" (measure every candidate) unless CLINBUNDLE_PACKAGE_RUNTIMES says "onnxruntime"."""
+    value = os.environ.get(PACKAGE_RUNTIMES_ENV, "all").strip() or "all"
+    if value not in ("all", "onnxruntime"):
+        raise ValueError(f"{PACKAGE_RUNTIMES_ENV}={value!r}: use all or onnxruntime")
+    return value
 
 
 def measure_runtimes(
@@ -187,7 +200,9 @@ def measure_runtimes(
     if not options.enabled or precision != "fp32":
         log.info(
             "runtime candidates skipped (%s): the bundle runs ONNX Runtime",
-            "asked" if not options.enabled else f"{precision} bundle",
+            f"asked (--runtimes / {PACKAGE_RUNTIMES_ENV})"
+            if not options.enabled
+            else f"{precision} bundle",
         )
         return None
     threads = resolve_threads(options.threads)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import openvino as ov
 import torch
 
 from clinbundle.runtime.contract import InferenceContract
@@ -28,8 +29,6 @@ OvPrecision = Literal["f32", "bf16"]
 
 def openvino_bf16_capable() -> bool:
     """Whether this CPU has bf16 units OpenVINO would use (else bf16 would only be emulated)."""
-    import openvino as ov
-
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -37,8 +36,6 @@ def openvino_compiled(
     path: Path, contract: InferenceContract, precision: OvPrecision, threads: int, device: str
 ):
     """A CompiledModel of `path` for the CPU plugin at `precision` with `threads` threads."""
-    import openvino as ov
-
     if device == "cuda":
         raise DeviceError("OpenVINO runs on the CPU here; --device cuda needs an ORT CUDA runtime")
     core = ov.Core()
@@ -78,8 +75,6 @@ def openvino_runtime(
     threads: int = 1,
     device: str = "cpu",
 ) -> Runtime:
-    import openvino as ov
-
     compiled = openvino_compiled(path, contract, precision, threads, device)
     return Runtime(
         volume_runner(openvino_predictor(compiled), contract, "cpu"),

@@ -70,7 +70,12 @@ def open_named(
     if name == ORT:
         return onnx_runtime(onnx_session(folder / "model.onnx", device, threads), contract)
     if name in (OPENVINO, OPENVINO_BF16):
-        from clinbundle.runtime.openvino_runner import openvino_runtime
+        try:
+            from clinbundle.runtime.openvino_runner import openvino_runtime
+        except ImportError as e:  # an environment without openvino: the next runtime runs
+            from clinbundle.runtime.aoti_runner import RuntimeMismatch
+
+            raise RuntimeMismatch(f"openvino is not installed here ({e})") from None
 
         precision = "bf16" if name == OPENVINO_BF16 else "f32"
         return openvino_runtime(folder / "model.onnx", contract, precision, threads, device)
