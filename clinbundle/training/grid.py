@@ -23,6 +23,7 @@ from clinbundle.runtime.errors import ConfigError
 from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.config import Config, load_config
 from clinbundle.training.data import kfold_split, read_dataset
+from clinbundle.training.losses import LOSSES
 
 log = logging.getLogger("clinbundle.grid")
 
@@ -94,15 +95,23 @@ def plan(
         raise ConfigError("a grid needs --folds or a --set key with several values (a,b)")
     for key, values in swept.items():  # every value must make a valid config on its own
         for v in values:
-            load_config(config_path, [*fixed, f"{key}={v}"])
+            cfg = load_config(config_path, [*fixed, f"{key}={v}"])
+            if cfg.loss.name not in LOSSES:  # fail now, not after the trials before it
+                raise ConfigError(f"unknown loss '{cfg.loss.name}'; choose one of {list(LOSSES)}")
     keys = list(swept)
     trials = []
     for combo in itertools.product(*(swept[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
-        name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+        name = "-".join(f"{_label(k)}={v}" for k, v in values.items())
         extra = tuple(f"{k}={v}" for k, v in values.items())
         trials.append(Trial(name, config_path, (*fixed, *extra), values))
     return base, trials, swept
+
+
+def _label(key: str) -> str:
+    """`data.fold` -> fold, `loss.name` -> loss: short trial names."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def split_file(cfg: Config) -> dict:
