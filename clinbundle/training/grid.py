@@ -51,6 +51,8 @@ def sweeps(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         key, _, raw = item.partition("=")
         values = split_values(raw)
         if len(values) > 1:
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--set {item}: a swept value is repeated")
             if key in swept:
                 raise ConfigError(f"--set {key} is swept twice; give its values once: {key}=a,b")
             swept[key.strip()] = values
