@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from clinbundle import metric_definitions as M
 from clinbundle.analysis.stats import Interval, mean_ci
 from clinbundle.runtime.contract import InferenceContract
-from clinbundle.runtime.errors import ClinbundleError, ModelResolutionError
+from clinbundle.runtime.errors import ClinbundleError, DeviceError, ModelResolutionError
 from clinbundle.runtime.geometry import spacing_of
 from clinbundle.runtime.inference import segment, torch_predictor
 from clinbundle.runtime.networks import build_network
@@ -232,6 +232,8 @@ def evaluate_run(
     device: str = "cpu",
 ) -> list[Evaluation]:
     """Every `best_*` checkpoint and `last` (or those named) of a run or of a grid's runs."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for and no CUDA device is available")
     out = []
     for run in training_runs(run_id):
         data = held_out(_data_dir(run, data_dir))
