@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evals = evaluate_run(args.run, data, which, args.device)
     for ev in evals:
         shown = ", ".join(f"{k} {i.text(get(k).fmt)}" for k, i in ev.intervals.items())
-        print(f"{ev.upstream_run_id} {ev.checkpoint} -> run {ev.run_id}: {shown}")
+        print(f"{ev.upstream_run_id} {','.join(ev.checkpoints)} -> run {ev.run_id}: {shown}")
     return 0
 
 

@@ -169,6 +169,11 @@ def get(name: str) -> MetricDef:
     return _REGISTRY[name]
 
 
+def known(name: str) -> MetricDef | None:
+    """The definition of `name`, or None (for display code that shows what it cannot format)."""
+    return _REGISTRY.get(name)
+
+
 def all_metrics() -> list[MetricDef]:
     return list(_REGISTRY.values())
 

@@ -79,10 +79,19 @@ def test_evaluate_then_compare(grid, capsys) -> None:
     client = MlflowClient()
     lines = _run_cli(["evaluate", parent, "--workdir", str(wd)], capsys)
     children = training_runs(parent)
-    expected = sum(len(checkpoints_of(c.info.run_id)) for c in children)
-    assert len(lines) == expected >= 4 * 7  # 6 best_* (val_loss..compound) + last per run
-    ev_id = lines[0].split(" -> run ")[1].split(":")[0]
-    ev = client.get_run(ev_id)
+    # every checkpoint (6 best_* + last per run) is covered; equal weights are evaluated once
+    expected = {
+        (c.info.run_id, Path(p).stem) for c in children for p in checkpoints_of(c.info.run_id)
+    }
+    assert len(expected) == 4 * 7
+    evals = [client.get_run(line.split(" -> run ")[1].split(":")[0]) for line in lines]
+    covered = [
+        (e.data.tags[UPSTREAM_TAG], n) for e in evals for n in e.data.tags["checkpoints"].split(",")
+    ]
+    assert sorted(covered) == sorted(expected)
+    assert len(evals) <= 4 * 2  # 2 epochs: at most 2 distinct sets of weights per run
+    ev = evals[0]
+    ev_id = ev.info.run_id
     assert ev.data.tags[UPSTREAM_TAG] in {c.info.run_id for c in children}
     assert ev.data.tags[EVAL_TAG] == "checkpoint"
     lo, mean, hi = (ev.data.metrics[f"dice/{k}"] for k in ("ci95_low", "mean", "ci95_high"))

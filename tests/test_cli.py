@@ -100,6 +100,8 @@ def test_synth_same_seed_same_bytes(tmp_path: Path) -> None:
             ["package", "monai-bundle", "--out", "b", "--sign-key", "k.pem"],
             "--sign-key is not supported for a MONAI bundle",
         ),
+        (["train", "--data", ".", "--folds", "first"], "--folds takes 'all' or fold numbers"),
+        (["evaluate", "no-such-run"], "no MLflow run 'no-such-run'"),
     ],
 )
 def test_user_errors_are_one_message_no_traceback(tmp_path: Path, args, needle) -> None:

@@ -70,6 +70,20 @@ def test_compound_loss_is_differentiable_and_decreases() -> None:
     assert (foreground(logits)[0, 0] > 0.5).eq(target[0, 0] > 0).all()
 
 
+def test_shared_skeleton_cldice_equals_monai_soft_cldice() -> None:
+    from monai.losses import SoftclDiceLoss
+
+    from clinbundle.training.cbdice import skeletons, soft_cldice
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 2, 12, 12, 12)
+    target = (torch.rand(2, 1, 12, 12, 12) > 0.7).long()
+    monai = SoftclDiceLoss(iter_=3, softmax=True, to_onehot_y=True, include_background=False)
+    fg, truth = foreground(logits), (target > 0).float()
+    ours = 1.0 - soft_cldice(fg, truth, skeletons(fg, truth, 3))
+    assert float(ours) == pytest.approx(float(monai(logits, target)), abs=1e-6)
+
+
 def test_unknown_loss_names_the_choices() -> None:
     assert "cbdice_cldice" in LOSSES
     with pytest.raises(ConfigError, match="cbdice_cldice"):

@@ -89,17 +89,20 @@ def collect(grid_run_id: str) -> list[Cell]:
             filter_string=f"tags.{UPSTREAM_TAG} = '{run.info.run_id}'",
             order_by=["attributes.start_time DESC"],
         )
-        seen = set()
-        for ev in evals:
-            which = ev.data.tags.get("checkpoint", "")
-            if which in seen or not ev.data.tags.get(EVAL_TAG):
+        seen: set[str] = set()
+        loss, fold = run.data.tags.get("loss_type", "?"), run.data.tags.get("fold_id", "?")
+        for ev in evals:  # newest first: a later evaluation (e.g. recomputed) wins
+            tags = ev.data.tags
+            listed = tags.get("checkpoints") or tags.get("checkpoint", "")
+            names = [n for n in listed.split(",") if n and n not in seen]
+            if not names or not tags.get(EVAL_TAG):
                 continue
-            seen.add(which)
+            seen.update(names)
             summary = mlflow.artifacts.load_dict(f"runs:/{ev.info.run_id}/evaluation.json")
-            loss, fold = run.data.tags.get("loss_type", "?"), run.data.tags.get("fold_id", "?")
-            cells.append(
-                Cell(loss, fold, which, run.info.run_id, summary["cases"], summary["scores"])
-            )
+            for which in names:
+                cells.append(
+                    Cell(loss, fold, which, run.info.run_id, summary["cases"], summary["scores"])
+                )
     if not cells:
         raise ModelResolutionError(
             f"no evaluations of {grid_run_id}'s runs; run `clinbundle evaluate {grid_run_id}` first"
@@ -195,7 +198,7 @@ def _curves(runs: list[Run], out: Path, metric: str) -> Path:
         for ax, key in zip(axes, ("train_loss", metric), strict=True):
             hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda h: h.step)
             ax.plot([h.step for h in hist], [h.value for h in hist], marker="o", label=label)
-            ax.set_title(f"{key} per epoch")
+            ax.set_title(f"{key} per epoch" if key == "train_loss" else f"validation {key}")
             ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -1,7 +1,11 @@
 """`clinbundle evaluate`: every checkpoint of a training run (or of every run of a grid) on the
 held-out set, through the one inference path, with per-volume metrics and BCa 95% CIs.
 
-Each checkpoint becomes one evaluation run (tag `upstream_training_run_id`), logged through
+Checkpoints holding the same weights (best_dice and best_compound saved at the same epoch, or
+`last` and a best_* of the final epoch) are predicted and logged once, in one evaluation run whose
+`checkpoints` tag names them all: the same predictions would only cost time again.
+
+Each such evaluation run (tag `upstream_training_run_id`) is logged through
 MLflow's evaluation API: `mlflow.models.evaluate` over a table of per-case predictions (files),
 with one custom metric per entry of the metric registry, so the MLflow UI compares them and
 shows the per-case table. The predicted label volumes are artifacts of that run:
@@ -32,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from clinbundle import metric_definitions as M
 from clinbundle.analysis.stats import Interval, mean_ci
 from clinbundle.runtime.contract import InferenceContract
-from clinbundle.runtime.errors import ClinbundleError, ModelResolutionError
+from clinbundle.runtime.errors import ClinbundleError, DeviceError, ModelResolutionError
 from clinbundle.runtime.geometry import spacing_of
 from clinbundle.runtime.inference import segment, torch_predictor
 from clinbundle.runtime.networks import build_network
@@ -56,19 +60,16 @@ class HeldOut:
 
 @dataclass
 class Evaluation:
-    """One checkpoint's scores on the held-out cases (in `cases` order) and their CIs."""
+    """The scores of one set of weights on the held-out cases (in `cases` order) and their CIs;
+    `checkpoints` names every checkpoint that holds those weights (best_dice, ..., last)."""
 
     upstream_run_id: str
-    checkpoint: str  # best_dice, ..., last
+    checkpoints: list[str]
     cases: list[str]
     scores: dict[str, list[float]]
     intervals: dict[str, Interval]
     run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def checkpoint_metric(self) -> str:
-        return self.checkpoint.removeprefix("best_")
 
 
 def held_out(data_dir: Path) -> HeldOut:
@@ -107,9 +108,18 @@ def checkpoints_of(run_id: str) -> list[str]:
     return sorted(p for p in paths if CHECKPOINT_RE.match(p))
 
 
-def predict_checkpoint(path: Path, data: HeldOut, device: str, out_dir: Path) -> list[Path]:
-    """Label volumes of one checkpoint (weights only, never unpickled code) on each case's grid."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint is data: weights_only, never unpickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_key(ckpt: dict) -> tuple[int, int]:
+    """(epoch, step) the weights were saved at: equal keys of one run are equal weights."""
+    return int(ckpt.get("epoch", -1)), int(ckpt.get("step", 0))
+
+
+def predict_checkpoint(ckpt: dict, data: HeldOut, device: str, out_dir: Path) -> list[Path]:
+    """Label volumes of one checkpoint on each case's own grid, through the one inference path."""
     contract = InferenceContract.model_validate(ckpt["contract"])
     model = build_network(contract.network)
     model.load_state_dict(ckpt["model"])
@@ -169,7 +179,11 @@ def _case_scorer(scores: dict[str, list[float]]):
 
 
 def log_evaluation(
-    upstream: Run, checkpoint: str, data: HeldOut, predictions: list[Path], tags: dict[str, str]
+    upstream: Run,
+    checkpoints: list[str],
+    data: HeldOut,
+    predictions: list[Path],
+    tags: dict[str, str],
 ) -> Evaluation:
     """One evaluation run: the per-case table through `mlflow.models.evaluate`, the predictions
     as artifacts, the means and CIs as metrics and a JSON summary."""
@@ -177,15 +191,16 @@ def log_evaluation(
     up_tags = upstream.data.tags
     run_tags = {
         UPSTREAM_TAG: upstream.info.run_id,
-        "checkpoint": checkpoint,
-        "checkpoint_metric": checkpoint.removeprefix("best_"),
+        "checkpoint": checkpoints[0],
+        "checkpoints": ",".join(checkpoints),
+        "checkpoint_metric": ",".join(c.removeprefix("best_") for c in checkpoints),
         "loss_type": up_tags.get("loss_type", ""),
         "fold_id": up_tags.get("fold_id", ""),
         "eval_data": str(data.root),
         "eval_volumes": str(len(data.cases)),
         **tags,
     }
-    name = f"eval-{checkpoint}-{upstream.info.run_name}"
+    name = f"eval-{checkpoints[0]}-{upstream.info.run_name}"
     with mlflow.start_run(
         experiment_id=upstream.info.experiment_id, run_name=name, tags=run_tags
     ) as run:
@@ -206,7 +221,7 @@ def log_evaluation(
         }
         mlflow.log_dict(summary, "evaluation.json")
     return Evaluation(
-        upstream.info.run_id, checkpoint, data.cases, scores, intervals, run.info.run_id, run_tags
+        upstream.info.run_id, checkpoints, data.cases, scores, intervals, run.info.run_id, run_tags
     )
 
 
@@ -217,6 +232,8 @@ def evaluate_run(
     device: str = "cpu",
 ) -> list[Evaluation]:
     """Every `best_*` checkpoint and `last` (or those named) of a run or of a grid's runs."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for and no CUDA device is available")
     out = []
     for run in training_runs(run_id):
         data = held_out(_data_dir(run, data_dir))
@@ -224,18 +241,20 @@ def evaluate_run(
         if not names:
             raise ModelResolutionError(f"run {run.info.run_id} has no checkpoints to evaluate")
         with tempfile.TemporaryDirectory() as tmp:
+            groups: dict[tuple[int, int], list[tuple[str, dict]]] = {}
             for art in names:
-                ckpt = Path(
-                    mlflow.artifacts.download_artifacts(
-                        run_id=run.info.run_id, artifact_path=art, dst_path=tmp
-                    )
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path=art, dst_path=tmp
                 )
-                which = Path(art).stem
-                pred_dir = Path(tmp) / "predictions" / which
+                ckpt = load_checkpoint(Path(local))
+                groups.setdefault(weights_key(ckpt), []).append((Path(art).stem, ckpt))
+            for members in groups.values():
+                which = [m[0] for m in members]
+                pred_dir = Path(tmp) / "predictions" / which[0]
                 pred_dir.mkdir(parents=True)
-                preds = predict_checkpoint(ckpt, data, device, pred_dir)
+                preds = predict_checkpoint(members[0][1], data, device, pred_dir)
                 ev = log_evaluation(run, which, data, preds, {EVAL_TAG: "checkpoint"})
-                log.info("%s %s: %s", run.info.run_name, which, _brief(ev))
+                log.info("%s %s: %s", run.info.run_name, ",".join(which), _brief(ev))
                 out.append(ev)
     return out
 
@@ -262,7 +281,8 @@ def recompute_from_predictions(run_id: str, data_dir: Path | None = None) -> lis
                     "was it evaluated on another data set? (--data)"
                 )
             tags = {EVAL_TAG: "recomputed", "recomputed_from": ev_run.info.run_id}
-            ev = log_evaluation(upstream, ev_run.data.tags["checkpoint"], data, preds, tags)
+            which = ev_run.data.tags["checkpoints"].split(",")
+            ev = log_evaluation(upstream, which, data, preds, tags)
             log.info("recomputed %s: %s", ev_run.info.run_name, _brief(ev))
             out.append(ev)
     return out

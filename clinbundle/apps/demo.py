@@ -174,16 +174,19 @@ class ModelInfo:
 
 
 def _metric_rows(best: dict, held_out: dict) -> list[tuple[str, str, str]]:
-    rows = [
-        (f"validation {k} (best epoch)", f"{float(v):.4f}", "-") for k, v in sorted(best.items())
-    ]
+    from clinbundle.metric_definitions import known
+
+    def shown(name: str, v: object) -> str:
+        return known(name).format(float(v)) if known(name) else f"{float(v):.4f}"
+
+    rows = [(f"validation {k} (best epoch)", shown(k, v), "-") for k, v in sorted(best.items())]
     if "mean" in held_out:
         lo, hi = [*str(held_out.get("ci95", "nan,nan")).split(","), "nan"][:2]
         rows.append(
             (
                 f"held-out {held_out.get('metric', '?')}",
-                f"{float(held_out['mean']):.4f}",
-                f"{float(lo):.4f} .. {float(hi):.4f} (bootstrap)",
+                shown(str(held_out.get("metric", "?")), held_out["mean"]),
+                f"{float(lo):.4f} .. {float(hi):.4f} (BCa bootstrap)",
             )
         )
     return rows

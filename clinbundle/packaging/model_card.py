@@ -14,18 +14,26 @@ if TYPE_CHECKING:
     from clinbundle.packaging.parity import ParityReport
 
 
+def _shown(name: str, value: float) -> str:
+    """The value as the metric registry formats it (unit included); unknown names plainly."""
+    from clinbundle.metric_definitions import known
+
+    return known(name).format(value) if known(name) else f"{value:.4f}"
+
+
 def _metrics_rows(model: ResolvedModel) -> list[str]:
     rows = []
     best = model.metadata.get("best", {})
     for name, value in sorted(best.items()):
-        rows.append(f"| validation (best epoch) | {name} | {value:.4f} | - |")
+        rows.append(f"| validation (best epoch) | {name} | {_shown(name, value)} | - |")
     tags = model.version_tags
     if "promotion_mean" in tags:
         lo, hi = tags.get("promotion_ci95", "nan,nan").split(",")
+        metric = tags.get("promotion_metric", "?")
         rows.append(
             f"| held-out ({tags.get('promotion_eval_set', '?').split(' (')[0]}) | "
-            f"{tags.get('promotion_metric', '?')} | {float(tags['promotion_mean']):.4f} | "
-            f"{float(lo):.4f} .. {float(hi):.4f} (bootstrap) |"
+            f"{metric} | {_shown(metric, float(tags['promotion_mean']))} | "
+            f"{float(lo):.4f} .. {float(hi):.4f} (BCa bootstrap) |"
         )
     return rows or ["| - | no metrics recorded | - | - |"]
 

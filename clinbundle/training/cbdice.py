@@ -12,7 +12,8 @@ a GPU). Both act on thresholded masks and only produce weights, so nothing non-d
 is written here.
 
 What is ours, and why: the few tensor lines that turn those into the paper's weights and the
-weighted precision/sensitivity (`_weights`, `_combine`, `soft_cbdice`). No maintained package
+weighted precision/sensitivity (`_weights`, `_combine`, `soft_cbdice`), and MONAI's clDice
+formula applied to the same skeletons (`soft_cldice`, checked equal to MONAI's loss). No maintained package
 ships cbDice; the reference code is an nnU-Net plug-in (it imports nnunetv2 and a
 topology-preserving skeletoniser we do not need). We follow its default path (the
 morphological soft skeleton) line for line, except that the loss is 1 - cbDice rather than
@@ -56,18 +57,45 @@ def _combine(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where((a != 0) & (b == 0), a * c, b * c)
 
 
+def skeletons(
+    fg_prob: torch.Tensor, fg_true: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MONAI's soft skeletons of prediction and truth (the truth's needs no gradient)."""
+    with torch.no_grad():
+        skel_t = soft_skel(fg_true.float(), iters)
+    return soft_skel(fg_prob, iters), skel_t
+
+
 def soft_cbdice(
-    fg_prob: torch.Tensor, fg_true: torch.Tensor, iters: int = 3, smooth: float = 1.0
+    fg_prob: torch.Tensor,
+    fg_true: torch.Tensor,
+    iters: int = 3,
+    smooth: float = 1.0,
+    skels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """cbDice in [0, 1] of a foreground probability map and a binary truth, both (B, 1, *spatial)."""
+    """cbDice in [0, 1] of a foreground probability map and a binary truth, both (B, 1, *spatial);
+    `skels` (from `skeletons`) lets a caller share the skeletons with clDice."""
     fg_true = fg_true.float()
-    skel_p = soft_skel(fg_prob, iters)[:, 0]
-    skel_t = soft_skel(fg_true, iters)[:, 0]
-    q_vl, q_slvl, q_sl = _weights(fg_true[:, 0], skel_t)
-    q_vp, q_spvp, q_sp = _weights(fg_prob[:, 0], skel_p)
+    skel_p, skel_t = skels if skels is not None else skeletons(fg_prob, fg_true, iters)
+    q_vl, q_slvl, q_sl = _weights(fg_true[:, 0], skel_t[:, 0])
+    q_vp, q_spvp, q_sp = _weights(fg_prob[:, 0], skel_p[:, 0])
     tprec = ((q_sp * q_vl).sum() + smooth) / (_combine(q_spvp, q_slvl, q_sp).sum() + smooth)
     tsens = ((q_sl * q_vp).sum() + smooth) / (_combine(q_slvl, q_spvp, q_sl).sum() + smooth)
     return 2.0 * tprec * tsens / (tprec + tsens)
+
+
+def soft_cldice(
+    fg_prob: torch.Tensor, fg_true: torch.Tensor, skels: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """MONAI's `SoftclDiceLoss` formula (smooth 1, 1, 1e-4; per sample, then the batch mean) on
+    skeletons already computed: MONAI's class computes its own, and the soft skeleton is most
+    of the loss's cost on a CPU, so sharing halves it. Equal to MONAI's on two classes
+    (tests/test_losses.py checks it)."""
+    skel_p, skel_t = skels
+    dims = list(range(1, fg_prob.dim()))
+    tprec = ((skel_p * fg_true).sum(dims) + 1.0) / (skel_p.sum(dims) + 1.0)
+    tsens = ((skel_t * fg_prob).sum(dims) + 1.0) / (skel_t.sum(dims) + 1.0)
+    return (2.0 * tprec * tsens / (tprec + tsens + 1e-4)).mean()
 
 
 def foreground(logits: torch.Tensor) -> torch.Tensor:
@@ -75,14 +103,3 @@ def foreground(logits: torch.Tensor) -> torch.Tensor:
     as the reference does, so multi-class vessel labels act as one tree."""
     fg = logits[:, 1:].amax(1, keepdim=True)
     return torch.softmax(torch.cat([logits[:, :1], fg], 1), 1)[:, 1:]
-
-
-class CbDiceLoss(torch.nn.Module):
-    """1 - cbDice of logits (B, C, *spatial) against label indices (B, 1, *spatial)."""
-
-    def __init__(self, iters: int = 3, smooth: float = 1.0) -> None:
-        super().__init__()
-        self.iters, self.smooth = iters, smooth
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return 1.0 - soft_cbdice(foreground(logits.float()), target > 0, self.iters, self.smooth)

@@ -23,6 +23,7 @@ from clinbundle.runtime.errors import ConfigError
 from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.config import Config, load_config
 from clinbundle.training.data import kfold_split, read_dataset
+from clinbundle.training.losses import LOSSES
 
 log = logging.getLogger("clinbundle.grid")
 
@@ -50,6 +51,8 @@ def sweeps(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         key, _, raw = item.partition("=")
         values = split_values(raw)
         if len(values) > 1:
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--set {item}: a swept value is repeated")
             if key in swept:
                 raise ConfigError(f"--set {key} is swept twice; give its values once: {key}=a,b")
             swept[key.strip()] = values
@@ -94,15 +97,23 @@ def plan(
         raise ConfigError("a grid needs --folds or a --set key with several values (a,b)")
     for key, values in swept.items():  # every value must make a valid config on its own
         for v in values:
-            load_config(config_path, [*fixed, f"{key}={v}"])
+            cfg = load_config(config_path, [*fixed, f"{key}={v}"])
+            if cfg.loss.name not in LOSSES:  # fail now, not after the trials before it
+                raise ConfigError(f"unknown loss '{cfg.loss.name}'; choose one of {list(LOSSES)}")
     keys = list(swept)
     trials = []
     for combo in itertools.product(*(swept[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
-        name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+        name = "-".join(f"{_label(k)}={v}" for k, v in values.items())
         extra = tuple(f"{k}={v}" for k, v in values.items())
         trials.append(Trial(name, config_path, (*fixed, *extra), values))
     return base, trials, swept
+
+
+def _label(key: str) -> str:
+    """`data.fold` -> fold, `loss.name` -> loss: short trial names."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def split_file(cfg: Config) -> dict:

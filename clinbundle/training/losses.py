@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss, SoftclDiceLoss, SoftDiceclDiceLoss
+from monai.losses import DiceCELoss, SoftDiceclDiceLoss
 
 from clinbundle.runtime.errors import ConfigError
-from clinbundle.training.cbdice import CbDiceLoss
+from clinbundle.training.cbdice import foreground, skeletons, soft_cbdice, soft_cldice
 from clinbundle.training.config import LossConfig
 
 LOSSES = ("dice_ce", "cldice", "cbdice_cldice")
@@ -24,24 +24,27 @@ class _OneHotDiceclDice(torch.nn.Module):
 
 
 class CbDiceClDiceLoss(torch.nn.Module):
-    """Dice + CE + alpha clDice + w cbDice: the reference's compound (CE + Dice + cbDice) with
-    MONAI's soft clDice on the foreground classes added, as vessel teams train it."""
+    """Dice + CE + alpha (1 - clDice) + w (1 - cbDice): the reference's compound (CE + Dice +
+    cbDice) with MONAI's soft clDice added, as vessel teams train it. Both topology terms score
+    the foreground (all vessel classes as one tree, as the reference does) and share one pair
+    of soft skeletons."""
 
     def __init__(self, iters: int, cldice_weight: float, cbdice_weight: float) -> None:
         super().__init__()
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.cldice = SoftclDiceLoss(
-            iter_=iters, softmax=True, to_onehot_y=True, include_background=False
-        )
-        self.cbdice = CbDiceLoss(iters)
+        self.iters = iters
         self.cldice_weight, self.cbdice_weight = cldice_weight, cbdice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.dice_ce(logits, target)
+        if not (self.cldice_weight or self.cbdice_weight):
+            return loss
+        fg, truth = foreground(logits.float()), (target > 0).float()
+        skels = skeletons(fg, truth, self.iters)
         if self.cldice_weight:
-            loss = loss + self.cldice_weight * self.cldice(logits, target)
+            loss = loss + self.cldice_weight * (1.0 - soft_cldice(fg, truth, skels))
         if self.cbdice_weight:
-            loss = loss + self.cbdice_weight * self.cbdice(logits, target)
+            loss = loss + self.cbdice_weight * (1.0 - soft_cbdice(fg, truth, skels=skels))
         return loss
 
 
