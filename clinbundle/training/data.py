@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,9 +44,15 @@ def _load_images() -> LoadImaged:
     """MONAI's loader of the image/label pair. LoadImage constructs every reader it knows, and
     with pydicom installed (the `map` extra) its nvImageCodec DICOM reader warns that its GPU
     decoder is missing: nothing to do with NIfTI training data, so that one warning is muted."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "NvImgCodecPydicomReader: nvImageCodec decoder plugin")
-        return LoadImaged(keys=["image", "label"], image_only=True)
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")  # says it again
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "NvImgCodecPydicomReader: nvImageCodec decoder")
+            return LoadImaged(keys=["image", "label"], image_only=True)
+    finally:
+        plugin_log.setLevel(level)
 
 
 @dataclass
