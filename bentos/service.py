@@ -44,8 +44,10 @@ log.info(
 )
 MODEL_TAG = os.environ.get("CLINBUNDLE_BENTO_MODEL", "clinbundle-onnx:latest")
 MODEL = bentoml.models.BentoModel(MODEL_TAG)
-IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).requirements_file(
-    str(Path(__file__).with_name("requirements.txt"))
+# read here, not with Image.requirements_file: BentoML refuses paths under a hidden folder
+REQUIREMENTS = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).python_packages(
+    *(r for r in (line.split("#")[0].strip() for line in REQUIREMENTS) if r)
 )
 Volume = Annotated[Path, Field(description="a 3-D volume: .nii, .nii.gz or float .npy")]
 Array = Annotated[Path, Field(description="float32 .npy: (D, H, W) or (N, C, D, H, W)")]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,9 +39,20 @@ from clinbundle.training.config import DataConfig
 
 Item = dict[str, str]
 
-#: The reader of the files `read_dataset` checked with nibabel; named, MONAI also does not
-#: construct its DICOM readers (with pydicom installed one warns about nvImageCodec).
-READER = "NibabelReader"
+
+def _load_images() -> LoadImaged:
+    """MONAI's loader of the image/label pair. LoadImage constructs every reader it knows, and
+    with pydicom installed (the `map` extra) its nvImageCodec DICOM reader warns that its GPU
+    decoder is missing: nothing to do with NIfTI training data, so that one warning is muted."""
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")  # says it again
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "NvImgCodecPydicomReader: nvImageCodec decoder")
+            return LoadImaged(keys=["image", "label"], image_only=True)
+    finally:
+        plugin_log.setLevel(level)
 
 
 @dataclass
@@ -294,7 +307,7 @@ def train_transforms(
     draw random patches."""
     return Compose(
         [
-            LoadImaged(keys=["image", "label"], image_only=True, reader=READER),
+            _load_images(),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
             *(to_grid or []),
             EnsureTyped(keys=["image", "label"], track_meta=False),
@@ -319,7 +332,7 @@ def val_transforms() -> Compose:
     path, which resamples and normalises itself and answers on the case's grid."""
     return Compose(
         [
-            LoadImaged(keys=["image", "label"], image_only=True, reader=READER),
+            _load_images(),
             EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel"),
         ]
     )
