@@ -17,11 +17,15 @@ EXAMPLES = {
     ("data", "synth"): "clinbundle data synth --out data/vessels --n 16 --n-test 4 --seed 0",
     ("train",): "clinbundle train --data data/vessels --workdir work --set train.epochs=100",
     ("promote",): "clinbundle promote --model vessel-seg --data data/vessels --workdir work",
-    ("quickstart",): "clinbundle quickstart --workdir work",
+    ("ensemble",): "clinbundle ensemble --from GRID_RUN_ID --workdir work",
+    ("evaluate",): "clinbundle evaluate RUN_ID --data data/vessels --workdir work",
+    ("compare",): "clinbundle compare GRID_RUN_ID --metric dice --workdir work",
+    ("quickstart",): "clinbundle quickstart --package --workdir work",
     ("package",): "clinbundle package onnx --model models:/vessel-seg@champion --out bundle",
     ("package", "onnx"): "clinbundle package onnx --workdir work --out bundle --device cpu",
     ("package", "bento"): "clinbundle package bento --workdir work --out bento --bundle bundle",
     ("package", "map"): "clinbundle package map --workdir work --out map",
+    ("package", "monai-bundle"): "clinbundle package monai-bundle --workdir work --out monai",
     ("serve",): "clinbundle serve bento/ --port 3000 --workdir work",
     ("run-map",): "clinbundle run-map map -i dicom-series/ -o out/",
     ("verify",): "clinbundle verify bundle --key signing-key.pub.pem",
@@ -36,12 +40,14 @@ EXTRAS = {
     "serve": ("bentoml",),
     "map": ("holoscan", "holoscan_cli", "pydicom", "highdicom"),
     "demo": ("gradio", "httpx"),
+    "bundle": ("fire", "ignite"),
 }
 #: The extras a command needs (its path of sub-command names).
 NEEDS = {
     ("package", "bento"): ("serve",),
     ("serve",): ("serve",),
     ("package", "map"): ("map",),
+    ("package", "monai-bundle"): ("bundle",),
     ("run-map",): ("map",),
     ("demo",): ("demo",),
 }
