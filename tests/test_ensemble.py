@@ -198,7 +198,8 @@ def test_production_trains_on_everything_and_is_never_promoted(
     synth_data: Path, tmp_path: Path, capsys
 ) -> None:
     """`clinbundle train --production`: no validation split, `last` is the model, and
-    `promote` refuses its version (exit 2) and leaves the aliases alone."""
+    `promote` refuses its version (exit 2) and leaves the aliases alone. The weights are kept
+    every `train.checkpoint_every_epochs` epochs (1 here) beside `last`."""
     from clinbundle.registry import PRODUCTION_TAG
 
     wd = ["--workdir", str(tmp_path)]
@@ -218,7 +219,7 @@ def test_production_trains_on_everything_and_is_never_promoted(
     assert split["val"] == [] and len(split["train"]) == n
     assert "train_loss" in run.data.metrics and "dice" not in run.data.metrics
     files = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
-    assert files == {"checkpoints/last.pt"}, files
+    assert files == {f"checkpoints/{f}.pt" for f in ("last", "epoch_0001", "epoch_0002")}, files
 
     assert client.get_model_version("tiny-prod", version).tags[PRODUCTION_TAG] == "true"
     model = mlflow.pyfunc.load_model(f"models:/tiny-prod/{version}")
