@@ -568,10 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser(
         "ensemble",
         help="register several trained models (e.g. a grid's folds) as one averaging model",
-        description="Average the members' softmax in one model (one pyfunc, one ONNX graph) "
-        "and register it as @challenger. Example: clinbundle ensemble --from GRID_RUN_ID "
-        "--workdir work; clinbundle ensemble --from models:/vessel-seg/3,models:/vessel-seg/4 "
+        description="Average the members' softmax in one model (one pyfunc, one ONNX graph)\n"
+        "and register it as @challenger. Examples:\n"
+        "  clinbundle ensemble --from GRID_RUN_ID --workdir work\n"
+        "  clinbundle ensemble --from models:/vessel-seg/3,models:/vessel-seg/4 "
         "--mirror-axes 0 1 2 --workdir work",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     en.add_argument(
         "--from",

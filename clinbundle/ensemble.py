@@ -20,6 +20,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from clinbundle.packaging.model_source import ResolvedModel, resolve_model
 from clinbundle.registry import PRODUCTION_TAG, register_challenger
@@ -140,8 +141,9 @@ def ensemble_contract(members: list[ResolvedModel], mirror_axes: list[int]) -> I
         return InferenceContract.model_validate(
             shared | {"network": network.model_dump(), "spatial_divisor": spatial_divisor(network)}
         )
-    except ValueError as e:  # pydantic's ValidationError is one
-        raise ModelResolutionError(f"the members cannot form one ensemble: {e}") from None
+    except ValidationError as e:
+        why = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise ModelResolutionError(f"the members cannot form one ensemble: {why}") from None
 
 
 def merged_weights(members: list[ResolvedModel], contract: InferenceContract) -> dict:

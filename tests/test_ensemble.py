@@ -24,16 +24,13 @@ from tests.conftest import TINY
 ENSEMBLE = "tiny-ensemble"
 
 
-def _train(trained, *extra: str):
-    from clinbundle.training.run import run_training
-
-    return run_training(trained.workdir, overrides=[f"data.root={trained.data}", *TINY, *extra])
-
-
 @pytest.fixture(scope="module")
 def fold1(trained):
     """A second member: fold 1, two epochs, registered under a name of its own."""
-    state = _train(trained, "data.fold=1", "train.epochs=2", "tracking.model_name=tiny-fold1")
+    from clinbundle.training.run import run_training
+
+    member = ["data.fold=1", "train.epochs=2", "tracking.model_name=tiny-fold1"]
+    state = run_training(trained.workdir, overrides=[f"data.root={trained.data}", *TINY, *member])
     mlflow.set_tracking_uri(trained.tracking_uri)
     mlflow.set_registry_uri(trained.tracking_uri)
     return state
@@ -197,29 +194,41 @@ def test_a_grid_whose_members_do_not_share_a_contract_is_refused(
 
 
 @pytest.mark.slow
-def test_production_trains_on_everything_and_is_never_promoted(tracking, capsys) -> None:
+def test_production_trains_on_everything_and_is_never_promoted(
+    synth_data: Path, tmp_path: Path, capsys
+) -> None:
+    """`clinbundle train --production`: no validation split, `last` is the model, and
+    `promote` refuses its version (exit 2) and leaves the aliases alone. The weights are kept
+    every `train.checkpoint_every_epochs` epochs (1 here) beside `last`."""
     from clinbundle.registry import PRODUCTION_TAG
 
-    state = _train(
-        tracking, "train.production=true", "train.epochs=2", "tracking.model_name=tiny-prod"
-    )
-    assert state.split["val"] == [] and len(state.split["train"]) == len(state.dataset.training)
-    assert state.best == {} and state.history and "dice" not in state.history[-1]
+    wd = ["--workdir", str(tmp_path)]
+    sets = [
+        a for o in [*TINY, "train.epochs=2", "tracking.model_name=tiny-prod"] for a in ("--set", o)
+    ]
+    capsys.readouterr()
+    assert main(["train", "--data", str(synth_data), "--production", *sets, *wd]) == 0
+    out = capsys.readouterr().out.split()
+    run_id, version = out[1].rstrip(":"), out[-1].rsplit("/", 1)[1]
     client = MlflowClient()
-    run = client.get_run(state.extra["run_id"])
-    assert run.data.params["data_num_val"] == "0" and run.data.tags[PRODUCTION_TAG] == "true"
-    assert "dice" not in run.data.metrics
-    files = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert files == {"checkpoints/last.pt"}, files
+    run = client.get_run(run_id)
+    assert run.data.tags[PRODUCTION_TAG] == "true"
+    n = len(json.loads((synth_data / "dataset.json").read_text())["training"])
+    assert run.data.params["data_num_val"] == "0" and run.data.params["data_num_train"] == str(n)
+    split = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/split.json"))
+    assert split["val"] == [] and len(split["train"]) == n
+    assert "train_loss" in run.data.metrics and "dice" not in run.data.metrics
+    files = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
+    assert files == {f"checkpoints/{f}.pt" for f in ("last", "epoch_0001", "epoch_0002")}, files
 
-    version = client.get_model_version("tiny-prod", state.extra["model_version"])
-    assert version.tags[PRODUCTION_TAG] == "true"
-    model = mlflow.pyfunc.load_model(f"models:/tiny-prod/{version.version}")
+    assert client.get_model_version("tiny-prod", version).tags[PRODUCTION_TAG] == "true"
+    model = mlflow.pyfunc.load_model(f"models:/tiny-prod/{version}")
     assert model.metadata.metadata["checkpoint"] == "checkpoints/last.pt"
 
-    capsys.readouterr()
-    args = ["promote", "--model", "tiny-prod", "--data", str(tracking.data), "--minimum", "0"]
-    assert main([*args, "--workdir", str(tracking.workdir)]) == 2
+    args = ["promote", "--model", "tiny-prod", "--data", str(synth_data), "--minimum", "0"]
+    assert main([*args, *wd]) == 2
     err = capsys.readouterr().err
     assert "trained with --production" in err and "promote does not decide on it" in err
-    assert client.get_registered_model("tiny-prod").aliases == {"challenger": version.version}
+    assert {k: str(v) for k, v in client.get_registered_model("tiny-prod").aliases.items()} == {
+        "challenger": version
+    }

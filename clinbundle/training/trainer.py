@@ -444,6 +444,15 @@ def train(
                 _, stop = reduce_step(0.0, stopper.requested, info, device)
                 if stop or epoch == cfg.train.epochs or policy.epoch_due(epoch):
                     save_last(epoch, 0, [])
+                if main and cfg.train.production and epoch % cfg.train.checkpoint_every_epochs == 0:
+                    # no validation picks a best epoch: keep the weights every N epochs instead
+                    snapshot = {
+                        "model": model.state_dict(),
+                        "epoch": epoch,
+                        "contract": contract.model_dump(mode="json"),
+                    }
+                    path = atomic_save(snapshot, ckpt_dir / f"epoch_{epoch:04d}.pt")
+                    announce(path, "checkpoints")
                 if main:
                     hist = json.dumps(
                         {"directions": directions(), "history": state.history}, indent=2
