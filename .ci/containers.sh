@@ -21,7 +21,8 @@ E2E=$CB_WORK/e2e
 MODEL=cb-containers
 TRAIN_IMAGE=localhost/clinbundle-train:ci
 SERVE_IMAGE=localhost/clinbundle-serve:ci
-PREEMPT_EPOCHS=20  # long enough that a signal sent after the first checkpoint lands mid-run
+PREEMPT_EPOCHS=30  # long enough that a signal sent after the first checkpoint lands mid-run, even
+# when the host side polls slowly (an epoch of the tiny model can take 2 s)
 MAP_IMAGE=localhost/clinbundle-map:ci
 TRAIN_SET=(--set 'model.filters=[8,16,32]' --set 'compute.patch_size=[32,32,32]'
     --set data.folds=3 --set train.epochs=2 --set train.val_every=1
