@@ -34,7 +34,8 @@ PRE = [
     "compute.batch_size=1",
     f"train.checkpoint_every_epochs={EVERY}",
 ]
-NOT_COMPARED = {"epoch_seconds"}  # wall-clock time is the one thing that may differ
+NOT_COMPARED = {"epoch_seconds"}  # wall-clock time may differ between runs
+SYSTEM = "system/"  # prefix of MLflow system metrics: the machine measured, not the training
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -64,7 +65,8 @@ def _last(client: MlflowClient, run_id: str, tmp: Path) -> dict:
 
 
 def _history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    keys = set(client.get_run(run_id).data.metrics) - NOT_COMPARED
+    keys = {k for k in client.get_run(run_id).data.metrics if not k.startswith(SYSTEM)}
+    keys -= NOT_COMPARED
     return {
         k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys
     }

@@ -209,10 +209,10 @@ def build_bento(
         ctx = Path(tempfile.mkdtemp(prefix="bento-ctx-", dir=tmp))
         stage_build_context(ctx)
         env = {"CLINBUNDLE_BENTO_MODEL": model_tag}
-        os.environ.update(env)  # the service reads it when the build imports it (its envs)
-        bento = bentoml.bentos.build(
-            "service:Segmentation", include=BENTO_INCLUDE, build_ctx=str(ctx)
-        )
+        with environment(env):  # the service reads it when the build imports it (its envs)
+            bento = bentoml.bentos.build(
+                "service:Segmentation", include=BENTO_INCLUDE, build_ctx=str(ctx)
+            )
         shutil.rmtree(ctx)
         tag = str(bento.tag)
         log.info("built bento %s", tag)
@@ -256,6 +256,22 @@ def archive_tag(archive: Path) -> str:
     except (tarfile.TarError, StopIteration, OSError) as e:
         raise BundleError(f"{archive} is not a bento archive ({e})") from None
     return f"{info['name']}:{info['version']}"
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the block only: a tag left behind would make every later
+    `bentoml serve` started from this process look for that model instead of its own."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ensure_imported(path: Path) -> str:
