@@ -49,12 +49,20 @@ def check_build(recorded: dict[str, str]) -> None:
         raise RuntimeMismatch(f"the compiled PyTorch package does not fit this machine: {said}")
 
 
-def aoti_predictor(package) -> Predictor:
+def aoti_predictor(path: Path) -> Predictor:
+    """Loads the package on the first call, not when the bundle opens: loading (torch._inductor
+    and the package's shared library) costs several seconds that a page or a server would
+    otherwise spend before it can answer at all. The manifest hash and the build record are
+    checked at open time all the same, so a late load meets a known-good file."""
     lock = threading.Lock()  # one model container per package: calls take turns
+    loaded: list = []
 
     def predict(patches: torch.Tensor) -> torch.Tensor:
         with lock:
-            return package(patches.detach().to("cpu", torch.float32).contiguous())
+            if not loaded:
+                loaded.append(torch._inductor.aoti_load_package(str(path)))
+                log.info("AOTInductor package %s loaded", path.name)
+            return loaded[0](patches.detach().to("cpu", torch.float32).contiguous())
 
     return predict
 
@@ -71,9 +79,10 @@ def aoti_runtime(
         raise DeviceError("the compiled PyTorch package is a CPU build; use another runtime")
     check_build(recorded)
     torch.set_num_threads(threads)
-    package = torch._inductor.aoti_load_package(str(path))
-    log.info("AOTInductor package %s loaded (%s), %d threads", path.name, recorded, threads)
+    log.info(
+        "AOTInductor package %s (%s), %d threads: loads on first use", path.name, recorded, threads
+    )
     return Runtime(
-        volume_runner(aoti_predictor(package), contract, "cpu"),
+        volume_runner(aoti_predictor(path), contract, "cpu"),
         f"pytorch {torch.__version__} AOTInductor ({recorded['cpu_capability']}), {threads} threads",
     )
