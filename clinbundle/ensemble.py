@@ -34,10 +34,10 @@ from clinbundle.runtime.errors import ModelResolutionError
 from clinbundle.runtime.hashing import sha256_file
 from clinbundle.runtime.networks import build_network, spatial_divisor
 from clinbundle.servable import log_segmentation_model
+from clinbundle.tracking import child_runs
 
 log = logging.getLogger("clinbundle.ensemble")
 
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nested-run tag
 KIND_TAG = "clinbundle.kind"
 #: contract fields that may differ between members (the ensemble's own values replace them)
 MEMBER_OWN = ("network", "spatial_divisor")
@@ -69,11 +69,7 @@ def member_uris(sources: str) -> list[str]:
                 f"--from: '{item}' is neither a models:/ or runs:/ URI nor a run id at "
                 f"{mlflow.get_tracking_uri()}"
             ) from None
-        children = client.search_runs(
-            [run.info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{item}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time ASC"],
-        )
+        children = child_runs(client, run, finished_only=True)
         if children:
             log.info("run %s is a grid: its %d finished child runs", item, len(children))
         uris += [f"runs:/{r.info.run_id}/model" for r in children] or [f"runs:/{item}/model"]

@@ -57,3 +57,17 @@ def experiment_id(name: str, workdir: Path) -> str:
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         location = (workdir / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+#: MLflow's own nested-run tag: a grid's trials carry their parent run's id in it.
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def child_runs(client: MlflowClient, parent, finished_only: bool = False) -> list:
+    """The child runs of `parent` (an MLflow Run) in its experiment, oldest first."""
+    query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    if finished_only:
+        query += " and attributes.status = 'FINISHED'"
+    return client.search_runs(
+        [parent.info.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+    )

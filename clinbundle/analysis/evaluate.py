@@ -40,6 +40,7 @@ from clinbundle.runtime.errors import ClinbundleError, DeviceError, ModelResolut
 from clinbundle.runtime.geometry import spacing_of
 from clinbundle.runtime.inference import segment, torch_predictor
 from clinbundle.runtime.networks import build_network
+from clinbundle.tracking import child_runs
 
 log = logging.getLogger("clinbundle.evaluate")
 
@@ -94,12 +95,7 @@ def training_runs(run_id: str) -> list[Run]:
         raise ModelResolutionError(
             f"no MLflow run '{run_id}' in {mlflow.get_tracking_uri()}"
         ) from None
-    children = client.search_runs(
-        [run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    children = [c for c in children if EVAL_TAG not in c.data.tags]
+    children = [c for c in child_runs(client, run) if EVAL_TAG not in c.data.tags]
     return children or [run]
 
 

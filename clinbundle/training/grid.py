@@ -28,7 +28,6 @@ from clinbundle.training.losses import LOSSES
 log = logging.getLogger("clinbundle.grid")
 
 GRID_TAG = "clinbundle.grid"  # on the parent ("parent") and on each trial (the parent's id)
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def split_values(raw: str) -> list[str]:
