@@ -107,7 +107,7 @@ def write_app(dest: Path) -> Path:
     `python app/` puts app/ first on sys.path, so the copy in the MAP is the code that ran the
     parity check below.
     """
-    vendor_runtime(dest, extra=("apps/__init__.py", "apps/map_app"))
+    vendor_runtime(dest, extra=("apps/__init__.py", "apps/dicom_seg.py", "apps/map_app"))
     shutil.copy2(dest / "clinbundle" / "apps" / "map_app" / "__main__.py", dest / "__main__.py")
     return dest
 

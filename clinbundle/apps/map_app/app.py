@@ -29,6 +29,7 @@ from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOpe
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
 import clinbundle
+from clinbundle.apps import dicom_seg
 from clinbundle.apps.map_app.inputs import MapInputError, scan_input
 from clinbundle.apps.map_app.operators import (
     BundleSegOperator,
@@ -44,7 +45,6 @@ from clinbundle.apps.map_app.selection import (
     series_rules,
 )
 from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
-from clinbundle.runtime.contract import CodedConcept
 
 log = logging.getLogger("clinbundle.map_app")
 
@@ -63,11 +63,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "trusted-key": None,
 }
 
-#: SEG coding of a label the contract gives no code for: a generic anatomical structure
-#: (never guessed from the label's text).
-GENERIC_STRUCTURE = CodedConcept(scheme="SCT", value="91723000", meaning="Anatomical Structure")
-#: Segmented property category of every segment (CID 7150).
-STRUCTURE_CATEGORY = CodedConcept(scheme="SCT", value="123037004", meaning="Anatomical Structure")
 STAGING_PREFIX = ".partial-"
 
 
@@ -104,51 +99,13 @@ def find_bundle(model_path: Path, name: str | None) -> Path:
     return found[0]
 
 
-def _code(concept: CodedConcept):
-    import highdicom as hd
-
-    return hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning[:64])
-
-
 def segment_descriptions(bundle: OnnxBundle) -> list:
-    """One highdicom segment per foreground label of the contract.
-
-    Property type: the contract's `label_codes[label]` (from dataset.json), else SCT 91723000
-    "Anatomical Structure"; algorithm: the registered model's name and version (manifest).
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
+    """One highdicom segment per foreground label of the bundle's contract, its algorithm the
+    registered model's name and version (manifest)."""
     model = bundle.manifest["model"]
-    contract = bundle.contract
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=str(model["name"])[:64],
-        family=codes.DCM.ArtificialIntelligence,
-        version=str(model["version"])[:64],
-        source="clinbundle",
+    return dicom_seg.segment_descriptions(
+        bundle.contract, str(model["name"]), str(model["version"])
     )
-    descriptions = []
-    for value in range(1, contract.num_classes):
-        label = contract.labels[str(value)]
-        code = contract.label_codes.get(str(value))
-        if code is None:
-            log.info(
-                "label %d (%s) has no code in the contract: coded as %s",
-                value,
-                label,
-                GENERIC_STRUCTURE.meaning,
-            )
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=value,
-                segment_label=label[:64],
-                segmented_property_category=_code(STRUCTURE_CATEGORY),
-                segmented_property_type=_code(code or GENERIC_STRUCTURE),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-        )
-    return descriptions
 
 
 def remove_stale_staging(output_path: Path) -> None:

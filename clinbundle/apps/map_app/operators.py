@@ -24,6 +24,7 @@ import numpy as np
 from monai.deploy.core import ConditionType, Fragment, Image, Operator, OperatorSpec
 from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 
+from clinbundle.apps.dicom_seg import SERIES_DESCRIPTION, build_seg, save_atomic
 from clinbundle.apps.map_app.inputs import nifti_stem
 from clinbundle.runtime.bundle_reader import OnnxBundle
 
@@ -197,15 +198,7 @@ class DicomSegWriterOperator(Operator):
     draws a random SeriesNumber (two runs on one input differ), takes segment codes only as
     pydicom `Code`s, and relies on the slice order of a series object it shares with another
     operator. Here the SEG is written with highdicom directly (dciodvfy: no errors, no
-    warnings):
-
-    - segments: one per foreground label, coded from the contract (`segment_descriptions` in
-      app.py), algorithm = the registered model name and version;
-    - equipment: clinbundle / model name / model version, and a Contributing Equipment item
-      (DCM 109102 "Processing Equipment") naming the model;
-    - patient and study identity: highdicom copies them from the source images;
-    - frames: one per source slice and segment (empty frames kept), source datasets sorted
-      along the slice normal, the order in which the SDK stacked the volume.
+    warnings) by `clinbundle.apps.dicom_seg.build_seg`, which `clinbundle predict` shares.
 
     Named inputs: `seg_image` (numpy uint8 labels [slice, row, column]) and
     `study_selected_series_list` (the selector's output: the source series).
@@ -220,7 +213,7 @@ class DicomSegWriterOperator(Operator):
         model_version: str,
         device_serial_number: str,
         output_folder: Path,
-        series_description: str = "AI segmentation, not for clinical use",
+        series_description: str = SERIES_DESCRIPTION,
         **kwargs,
     ) -> None:
         self.segment_descriptions = list(segment_descriptions)
@@ -235,55 +228,18 @@ class DicomSegWriterOperator(Operator):
         spec.input("seg_image")
         spec.input("study_selected_series_list")
 
-    @staticmethod
-    def sorted_sources(datasets: list) -> list:
-        """Source datasets in the volume's slice order: ascending along the slice normal."""
-        iop = np.asarray(datasets[0].ImageOrientationPatient, float)
-        normal = np.cross(iop[:3], iop[3:])
-        return sorted(datasets, key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
-
     def write(self, labels: np.ndarray, datasets: list) -> Path:
-        import highdicom as hd
-        from pydicom.sr.codedict import codes
-
-        sources = self.sorted_sources(datasets)
-        if labels.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
-            raise RuntimeError(
-                f"labels {labels.shape} do not match the source series "
-                f"({len(sources)} x {sources[0].Rows} x {sources[0].Columns})"
-            )
-        uid = hd.UID()
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=np.ascontiguousarray(labels, dtype=np.uint8),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=self.segment_descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=900,
-            sop_instance_uid=uid,
-            instance_number=1,
-            manufacturer="clinbundle",
-            manufacturer_model_name=self.model_name[:64],
-            software_versions=self.model_version[:64],
-            device_serial_number=self.device_serial_number[:64],
-            content_label="AI_SEGMENTATION",
-            content_description=f"{self.model_name} v{self.model_version}"[:64],
-            omit_empty_frames=False,  # one frame per source slice: geometry stays checkable
-            contributing_equipment=[
-                hd.ContributingEquipment(
-                    manufacturer="clinbundle",
-                    purpose_of_reference=codes.DCM.ProcessingEquipment,
-                    manufacturer_model_name=self.model_name[:64],
-                    software_versions=self.model_version[:64],
-                    contribution_description="AI segmentation model",
-                )
-            ],
+        """The SEG of `labels` ([slice, row, column]) over `datasets`, in the output folder."""
+        seg = build_seg(
+            labels,
+            datasets,
+            self.segment_descriptions,
+            self.model_name,
+            self.model_version,
+            self.device_serial_number,
+            self.series_description,
         )
-        seg.SeriesDescription = self.series_description[:64]
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        path = self.output_folder / f"{uid}.dcm"
-        seg.save_as(path, enforce_file_format=True)
-        return path
+        return save_atomic(seg, self.output_folder / f"{seg.SOPInstanceUID}.dcm")
 
     def compute(self, op_input, op_output, context) -> None:
         labels = op_input.receive("seg_image")
