@@ -1,0 +1,312 @@
+"""DICOM studies as cohort cases, and a real PACS (issue 17, items 1 (DICOM inputs) and 3).
+
+Series are written by `write_ct_series` (oblique, anisotropic, non-square pixels, files named in
+reverse slice order) so that a swapped axis, a swapped PixelSpacing, a trusted file order or a
+missing rescale each change the volume or the affine the tests compare with the truth. The PACS
+is a real Orthanc with its DICOMweb plugin (Debian's `orthanc`, `orthanc-dicomweb`; `make
+system-deps` installs them), started on loopback by the `orthanc` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from clinbundle.cohort import dicomweb
+from clinbundle.cohort.dicom_cases import dicom_cases, read_dicom_case
+from clinbundle.packaging.bento import free_port
+from clinbundle.packaging.dicom_synth import (
+    SeriesGeometry,
+    SeriesInfo,
+    oblique,
+    quantize_hu,
+    write_ct_series,
+)
+from clinbundle.runtime.errors import InputError
+
+SLOPE, INTERCEPT = 2.0, -1024.0
+GEOMETRY = oblique(20.0, spacing=(0.8, 0.7, 1.5))
+
+
+def ct_volume(shape=(24, 20, 12), seed: int = 0) -> np.ndarray:
+    """HU-like values with structure along every axis (a flipped axis changes them)."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    return (-1000 + 40 * i + 7 * j + 90 * k + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def write_study(folder: Path, volume: np.ndarray, study_uid: str) -> dict[str, list[Path]]:
+    """A study as a PACS export lays it out: a scout, the CT, a thinner-sampled reconstruction,
+    nested two folders deep, plus stray files that are not DICOM or not readable."""
+    info = {"study_uid": study_uid, "patient_id": "PAT-7"}
+    scout = write_ct_series(
+        volume[:, :, :1],
+        folder / "A" / "scout",
+        GEOMETRY,
+        SeriesInfo(series_number=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), **info),
+    )
+    ct = write_ct_series(
+        volume,
+        folder / "A" / "B" / "ct",
+        GEOMETRY,
+        SeriesInfo(series_number=2, series_description="CT 1.5 mm", **info),
+        rescale=(SLOPE, INTERCEPT),
+    )
+    recon = write_ct_series(
+        volume[:, :, ::2],
+        folder / "C",
+        oblique(20.0, spacing=(0.8, 0.7, 3.0)),
+        SeriesInfo(series_number=3, series_description="CT 3 mm", **info),
+    )
+    (folder / "README.txt").write_text("not DICOM")
+    (folder / "A" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    return {"scout": scout, "ct": ct, "recon": recon}
+
+
+def test_a_nested_study_is_one_case_of_its_ct_read_like_its_nifti(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any folder layout: one case per study, the CT chosen by the MAP's rules (each skip
+    logged with its reason), stray files left out with a log line; the volume is the HU of the
+    series and the affine the NIfTI's of the same synthetic volume (oblique, 0.8 x 0.7 x 1.5)."""
+    volume = ct_volume()
+    series = write_study(tmp_path / "in", volume, "1.2.826.0.1.3680043.8.498.1")
+    with caplog.at_level(logging.INFO, logger="clinbundle.cohort"):
+        [case] = dicom_cases(_files(tmp_path / "in"), tmp_path / "in")
+    assert case.kind == "dicom" and case.case_id == "1.2.826.0.1.3680043.8.498.1"
+    assert sorted(case.files) == sorted(series["ct"])
+    log = caplog.text
+    assert "segmenting series 2 " in log and "marks a localizer" in log
+    assert "skipped series 3 " in log and "another candidate" in log
+    assert "README.txt: left out, not a DICOM file" in log
+    assert "broken.dcm: left out" in log
+
+    truth = tmp_path / "truth.nii.gz"
+    nib.save(nib.Nifti1Image(quantize_hu(volume, SLOPE, INTERCEPT), GEOMETRY.affine_ras()), truth)
+    nifti = nib.load(truth)
+    got = read_dicom_case(case)
+    assert got.image.dtype == np.float32 and got.image.shape == volume.shape
+    np.testing.assert_array_equal(got.image, np.asarray(nifti.dataobj, np.float32))
+    np.testing.assert_allclose(got.affine, nifti.affine, atol=1e-4)
+    assert got.image.min() < -900  # negative HU survive (no uint16 wrap)
+    positions = [float(ds.ImagePositionPatient[2]) for ds in got.source]
+    assert [ds.SeriesInstanceUID for ds in got.source] == [
+        dcmread(series["ct"][0]).SeriesInstanceUID
+    ] * 12
+    assert positions == sorted(positions)  # slice order, not file order
+
+    # the same study again, in another folder with other file names: the same case
+    moved = tmp_path / "moved"
+    for n, f in enumerate(series["ct"]):
+        (moved / str(n % 3)).mkdir(parents=True, exist_ok=True)
+        (moved / str(n % 3) / f"x{n}").write_bytes(f.read_bytes())
+    [again] = dicom_cases(_files(moved), moved)
+    assert again.content_hash == case.content_hash
+
+
+def test_same_volume_and_affine_as_the_map_operator(tmp_path: Path) -> None:
+    """The MAP's HUSeriesToVolumeOperator, on the SDK's own loaded series, gives what the cohort
+    reads: the same float32 values and the same RAS affine."""
+    from monai.deploy.core import Fragment
+    from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+    from monai.deploy.operators.dicom_series_selector_operator import (
+        DICOMSeriesSelectorOperator,
+    )
+
+    from clinbundle.apps.map_app.operators import HUSeriesToVolumeOperator
+    from clinbundle.apps.map_app.selection import series_rules
+
+    volume = ct_volume(seed=1)
+    volume[:, :, 0] = np.abs(volume[:, :, 0]) + 10  # first slice positive: the SDK's dtype trap
+    write_ct_series(volume, tmp_path / "in", GEOMETRY, rescale=(SLOPE, INTERCEPT))
+    fragment = Fragment()
+    studies = DICOMDataLoaderOperator(
+        fragment, input_folder=tmp_path / "in", name="loader"
+    ).load_data_to_studies(tmp_path / "in")
+    selected = DICOMSeriesSelectorOperator(fragment, name="selector").filter(
+        series_rules("CT"), studies
+    )
+    image = HUSeriesToVolumeOperator(fragment, name="to_volume").convert_to_image(selected)
+    map_volume = np.transpose(image.asnumpy(), (2, 1, 0))
+    map_affine = np.asarray(image.metadata()["affine"], float)
+
+    [case] = dicom_cases(_files(tmp_path / "in"), tmp_path / "in")
+    got = read_dicom_case(case)
+    np.testing.assert_array_equal(got.image, map_volume)
+    np.testing.assert_allclose(got.affine, map_affine, atol=1e-6)
+
+
+def test_a_study_that_is_no_volume_fails_with_its_reason(tmp_path: Path) -> None:
+    """A series with a missing slice, a study of a scout only, and a slice whose pixel data is
+    cut off: each is a case whose reading fails with the reason (never a crash, never a guess)."""
+    volume = ct_volume()
+    gap = write_ct_series(
+        volume, tmp_path / "gap", SeriesGeometry(), SeriesInfo(), slices=[0, 1, 2, 4, 5, 6]
+    )
+    write_ct_series(
+        volume[:, :, :1],
+        tmp_path / "scout",
+        info=SeriesInfo(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+    )
+    cut = write_ct_series(volume, tmp_path / "cut")
+    cut[3].write_bytes(cut[3].read_bytes()[:-300])
+    cases = {c.files[0].parent.name: c for c in dicom_cases(_files(tmp_path), tmp_path)}
+    assert set(cases) == {"gap", "scout", "cut"} and len(cases["gap"].files) == len(gap)
+    with pytest.raises(InputError, match="missing slice"):
+        read_dicom_case(cases["gap"])
+    with pytest.raises(InputError, match="marks a localizer"):
+        read_dicom_case(cases["scout"])
+    with pytest.raises(InputError, match=f"{cut[3].name}: pixel data cannot be decoded"):
+        read_dicom_case(cases["cut"])
+
+
+class Orthanc:
+    """A real Orthanc with its DICOMweb plugin on loopback (free ports, storage in a temp
+    folder, no authentication), which a test may stop like a PACS that went down."""
+
+    PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+    def __init__(self, root: Path) -> None:
+        exe = shutil.which("Orthanc")
+        assert exe and self.PLUGIN.is_file(), (
+            "Debian's orthanc and orthanc-dicomweb are missing: run `make system-deps`"
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.exe, self.port = root, exe, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        self.proc: subprocess.Popen | None = None
+        config = {
+            "Name": "clinbundle-test",
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "HttpPort": self.port,
+            "DicomPort": free_port(),
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(self.PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+
+    def start(self) -> None:
+        log = open(self.root / "orthanc.log", "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [self.exe, str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/system", timeout=2).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError((self.root / "orthanc.log").read_text()[-3000:]) from None
+                time.sleep(0.25)
+        raise RuntimeError("Orthanc did not answer in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    server = Orthanc(tmp_path / "orthanc")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def upload(url: str, files: list[Path]) -> None:
+    """STOW-RS, as a modality or another archive sends studies to the PACS."""
+    from dicomweb_client.api import DICOMwebClient
+
+    DICOMwebClient(url).store_instances([dcmread(f) for f in files])
+
+
+@pytest.mark.slow
+def test_dicomweb_fetch_and_store_against_a_real_orthanc(orthanc: Orthanc, tmp_path: Path) -> None:
+    """QIDO finds the uploaded study, WADO retrieves it whole into a folder the DICOM cases
+    read, STOW stores a SEG once (a second store finds it there), and a stopped PACS is a
+    clear error for queries and a per-case failure, after the retries, for stores."""
+    volume = ct_volume()
+    study = "1.2.826.0.1.3680043.8.498.7"
+    series = write_study(tmp_path / "in", volume, study)
+    upload(orthanc.url, [f for fs in series.values() for f in fs])
+
+    client = dicomweb.make_client(orthanc.url)
+    assert dicomweb.find_studies(client, orthanc.url, None) == [(study, 12 + 1 + 6)]
+    with pytest.raises(dicomweb.DicomwebError, match="has no study 1.2.3"):
+        dicomweb.find_studies(client, orthanc.url, ["1.2.3"])
+    assert dicomweb.fetch(client, orthanc.url, [study], tmp_path / "got") == []
+    [case] = dicom_cases(_files(tmp_path / "got"), tmp_path / "got")
+    np.testing.assert_array_equal(
+        read_dicom_case(case).image, quantize_hu(volume, SLOPE, INTERCEPT)
+    )
+
+    seg = tmp_path / "seg.dcm"
+    earlier_seg(series["ct"], seg)
+    assert dicomweb.store_seg(client, seg) == "yes"
+    assert dicomweb.store_seg(client, seg) == "yes"  # already there: not sent again
+    assert len(seg_instances(client, study)) == 1
+
+    orthanc.stop()
+    with pytest.raises(dicomweb.DicomwebError, match="cannot be queried .*connection refused"):
+        dicomweb.find_studies(client, orthanc.url, None)
+    got = dicomweb.store_seg(client, seg, backoff_s=0.01)
+    assert got == "failed: connection refused or lost (3 tries)"
+
+
+def seg_instances(client, study: str) -> list[dict]:
+    """QIDO-RS: the SEG instances of a study."""
+    return client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SEG"})
+
+
+def earlier_seg(files: list[Path], path: Path) -> None:
+    """A SEG of a series, as another tool writes one (highdicom)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    sources = [dcmread(f) for f in files]
+    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
+    mask[:, :5, :5] = True
+    description = hd.seg.SegmentDescription(
+        1,
+        "old",
+        codes.SCT.AnatomicalStructure,
+        codes.SCT.AnatomicalStructure,
+        hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="earlier",
+        manufacturer_model_name="earlier",
+        software_versions="1",
+        device_serial_number="1",
+    ).save_as(path)
