@@ -466,6 +466,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_predict_args(args: argparse.Namespace) -> None:
+    """Combinations argparse cannot express; each one a clear error before any work."""
+    if args.flag_worst is not None and args.flag_worst < 0:
+        raise ClinbundleError(f"--flag-worst must be >= 0, got {args.flag_worst}")
+    if args.study and not args.dicomweb:
+        raise ClinbundleError("--study selects studies of a PACS: give --dicomweb URL with it")
+    if args.address and args.engine != "ray":
+        raise ClinbundleError("--address is the Ray cluster: give it with --engine ray")
+    if args.input:
+        src, out = Path(args.input).resolve(), Path(args.output).resolve()
+        if out == src or src in out.parents:
+            raise ClinbundleError(
+                f"--output {args.output} is inside --input {args.input}: a re-run would take "
+                "the outputs for new cases; write them elsewhere"
+            )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Batch inference over a folder (or a PACS): exit 0 when the job ran, even with failed
     cases (the table lists them); 2 when it cannot start."""
@@ -474,8 +491,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from clinbundle.tracking import configure_tracking
 
     wd = _workdir(args)
-    if args.flag_worst is not None and args.flag_worst < 0:
-        raise ClinbundleError(f"--flag-worst must be >= 0, got {args.flag_worst}")
+    _check_predict_args(args)
     bundle = Path(args.bundle) if args.bundle else None
     spec = ModelSpec(args.model, bundle, args.device, wd, args.threads)
     configure_tracking(wd)
@@ -491,9 +507,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from clinbundle.cohort.cases import discover
 
         cases = discover(Path(args.input))
-        out = Path(args.output)
-        flag = args.flag_worst or 0
-        _rows, summary = predict(cases, spec, out, args.engine, args.address, flag)
+        out, flag = Path(args.output), args.flag_worst or 0
+        _rows, summary = predict(
+            cases, spec, out, args.engine, args.address, flag, retry_failed=args.retry_failed
+        )
     print(summary.line())
     return 0
 
@@ -824,6 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--address", help="with --engine ray: the cluster (default: a local Ray)")
     pd.add_argument(
         "--flag-worst", type=int, metavar="N", help="flag the N most uncertain cases for review"
+    )
+    pd.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the cases that failed on their own input (they are kept otherwise)",
     )
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pd.add_argument("--threads", type=int, help="inference threads (default: physical cores)")

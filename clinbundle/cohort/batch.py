@@ -52,13 +52,17 @@ def predict(
     address: str | None = None,
     flag: int = 0,
     track: bool = True,
+    retry_failed: bool = False,
 ) -> tuple[list[dict], Summary]:
-    """Run the cohort, flag the `flag` most uncertain cases, write the table, log the run."""
+    """Run the cohort, flag the `flag` most uncertain cases, write the table, log the run
+    (`track=False`: no MLflow run, e.g. for a caller that logs its own)."""
     output_dir = Path(output_dir)
     model = open_model(spec)
     t0 = time.perf_counter()
     before = _manifest_lines(output_dir)
-    rows = run_cohort(cases, spec, output_dir, engine, address, model=model)
+    rows = run_cohort(
+        cases, spec, output_dir, engine, address, model=model, retry_failed=retry_failed
+    )
     seconds = time.perf_counter() - t0
     ran = _manifest_lines(output_dir) - before
     flag_worst(rows, flag)

@@ -8,8 +8,7 @@ case -> read (header checked first) -> probabilities on the input's grid (the on
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import re
 import time
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import nibabel as nib
 import numpy as np
 from scipy.stats import entropy
 
+from clinbundle.cohort.atomic import atomic_write, exclusive, remove_stale_temps
 from clinbundle.cohort.cases import Case, CaseVolume, read_case
-from clinbundle.cohort.manifest import append_row, is_done, key_of, read_manifest
+from clinbundle.cohort.manifest import append_row, is_final, key_of, read_manifest
 from clinbundle.cohort.model import CohortModel, ModelSpec, open_model
 from clinbundle.cohort.table import VOLUME_PREFIX
 from clinbundle.runtime.contract import InferenceContract
@@ -30,8 +30,14 @@ log = logging.getLogger("clinbundle.cohort")
 ENGINES = ("local", "ray")
 
 
+def output_stem(case: Case) -> str:
+    """The case_id made safe as a file name (a DICOM UID from a hostile file could hold '/')."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", case.case_id).lstrip(".")
+    return stem or "case"
+
+
 def seg_name(case: Case) -> str:
-    return f"{case.case_id}_seg.nii.gz"
+    return f"{output_stem(case)}_seg.nii.gz"
 
 
 def uncertainty(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -55,18 +61,11 @@ def label_volumes(labels: np.ndarray, affine: np.ndarray, contract: InferenceCon
 
 
 def atomic_nifti(labels: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """uint8 labels with the input's affine, written to a temp file in the folder, renamed."""
+    """uint8 labels with the input's affine (as scanner coordinates), written whole or not."""
     img = nib.Nifti1Image(labels.astype(np.uint8), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
 def write_outputs(
@@ -78,7 +77,7 @@ def write_outputs(
     if case.kind == "dicom":
         from clinbundle.cohort.dicom_cases import write_dicom_seg
 
-        out["seg"] = f"{case.case_id}_seg.dcm"
+        out["seg"] = f"{output_stem(case)}_seg.dcm"
         write_dicom_seg(case, volume, labels, model.contract, output_dir / out["seg"])
     return out
 
@@ -97,6 +96,7 @@ def _row(case: Case, model: CohortModel) -> dict:
         "model_version": model.version,
         "status": "failed",
         "error": "",
+        "error_kind": "",
         "output": "",
         "seg": "",
         "flagged": False,
@@ -118,13 +118,13 @@ def predict_case(model: CohortModel, case: Case, output_dir: Path) -> dict:
         del probs
         row |= write_outputs(case, volume, labels, model, Path(output_dir))
         row["status"] = "done"
-    except ClinbundleError as e:
-        row["error"] = str(e)
-    except (MemoryError, KeyboardInterrupt):
+    except ClinbundleError as e:  # the input's own fault: final for these bytes
+        row["error"], row["error_kind"] = str(e), "input"
+    except KeyboardInterrupt:
         raise
     except Exception as e:  # a runtime that chokes on one case must not stop the cohort
         log.exception("%s failed", case.case_id)
-        row["error"] = f"{type(e).__name__}: {e}"
+        row["error"], row["error_kind"] = f"{type(e).__name__}: {e}", "runtime"
     row["seconds"] = round(time.perf_counter() - t0, 3)
     if row["status"] == "failed":
         log.warning("%s failed: %s", case.case_id, row["error"])
@@ -139,29 +139,40 @@ def run_cohort(
     address: str | None = None,
     model: CohortModel | None = None,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> list[dict]:
-    """Every case's row, in the order of `cases`: done cases of the manifest (outputs still on
-    disk) are skipped, the rest run on `engine` and are appended to the manifest as they land.
+    """Every case's row, in the order of `cases`: cases the manifest holds as final (done with
+    outputs on disk, or failed on their own input; `manifest.is_final`) are not run again, the
+    rest run on `engine` and are appended to the manifest as they land. One job per folder.
 
-    `model`: an already opened model (the local engine opens `spec` otherwise)."""
+    `model`: an already opened model (opened from `spec` otherwise)."""
     if engine not in ENGINES:
         raise ClinbundleError(f"unknown engine '{engine}': use {' or '.join(ENGINES)}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = model or open_model(spec)
-    known = read_manifest(output_dir)
-    rows: dict[str, dict] = {}
-    todo = []
+    with exclusive(output_dir):
+        remove_stale_temps(output_dir)
+        model = model or open_model(spec)
+        rows, todo = _plan(cases, model, output_dir, retry_failed)
+        log.info("%d case(s): %d kept from before, %d to run", len(cases), len(rows), len(todo))
+        for row in _engine(engine)(todo, spec, output_dir, address, model, progress):
+            rows[row["case_id"]] = row  # the last answer wins, as in the manifest
+    return [rows[c.case_id] for c in cases if c.case_id in rows]
+
+
+def _plan(
+    cases: list[Case], model: CohortModel, output_dir: Path, retry_failed: bool
+) -> tuple[dict[str, dict], list[Case]]:
+    """(rows kept from the manifest by case_id, cases to run)."""
+    known = read_manifest(output_dir, by_case=True)
+    kept, todo = {}, []
     for case in cases:
-        row = known.get((case.content_hash, model.version, model.runtime))
-        if is_done(row, output_dir) and row["output"] == seg_name(case):
-            rows[case.case_id] = {**row, "case_id": case.case_id, "input": case.input}
+        row = known.get(((case.content_hash, model.version, model.runtime), case.case_id))
+        if is_final(row, output_dir, retry_failed):
+            kept[case.case_id] = {**row, "input": case.input}
         else:
             todo.append(case)
-    log.info("%d case(s): %d done before, %d to run", len(cases), len(rows), len(todo))
-    for row in _engine(engine)(todo, spec, output_dir, address, model, progress):
-        rows[row["case_id"]] = row
-    return [rows[c.case_id] for c in cases if c.case_id in rows]
+    return kept, todo
 
 
 def _engine(engine: str):

@@ -23,8 +23,9 @@ def key_of(row: dict) -> Key:
     return (str(row["content_hash"]), str(row["model_version"]), str(row["runtime"]))
 
 
-def read_manifest(output_dir: Path) -> dict[Key, dict]:
-    """The last row of every key; unparsable lines are logged and skipped."""
+def read_manifest(output_dir: Path, by_case: bool = False) -> dict:
+    """The last row of every key; unparsable lines are logged and skipped. `by_case`: of every
+    (key, case_id), so two cases with the same bytes keep a row each."""
     path = Path(output_dir) / MANIFEST
     rows: dict[Key, dict] = {}
     if not path.is_file():
@@ -34,7 +35,7 @@ def read_manifest(output_dir: Path) -> dict[Key, dict]:
             continue
         try:
             row = json.loads(line)
-            rows[key_of(row)] = row
+            rows[(key_of(row), row["case_id"]) if by_case else key_of(row)] = row
         except (json.JSONDecodeError, KeyError, TypeError):
             log.warning("%s line %d is not a manifest row; ignored", path, n)
     return rows
@@ -67,3 +68,17 @@ def outputs_present(row: dict, output_dir: Path) -> bool:
 
 def is_done(row: dict | None, output_dir: Path) -> bool:
     return bool(row) and row.get("status") == "done" and outputs_present(row, output_dir)
+
+
+def is_final(row: dict | None, output_dir: Path, retry_failed: bool = False) -> bool:
+    """Whether a re-run keeps this row instead of running the case again.
+
+    Done with its outputs on disk: kept. Failed because of the input itself (error_kind
+    "input": unreadable, not a volume, too large...): kept too, since the same bytes through the
+    same model fail the same way; a changed file has a new hash and runs. Failed for any other
+    reason (the runtime, memory, a lost worker): run again. `retry_failed` runs every failed
+    case again (e.g. after raising CLINBUNDLE_MAX_VOXELS).
+    """
+    if is_done(row, output_dir):
+        return True
+    return bool(row) and row.get("error_kind") == "input" and not retry_failed

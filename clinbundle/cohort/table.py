@@ -3,11 +3,11 @@ and `--flag-worst`: the most uncertain cases first in line for review."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from clinbundle.cohort.atomic import atomic_write
 
 #: Fixed columns; `volume_ml_<label>` columns (one per foreground label) sit after `seconds`,
 #: and columns a part adds (e.g. `stored` for PACS) come last.
@@ -51,24 +51,13 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_table(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
     """Both tables, each written to a temp file and renamed into place."""
     frame = to_frame(rows)
     out = Path(output_dir)
     parquet, csv = out / TABLE_PARQUET, out / TABLE_CSV
-    _atomic(parquet, lambda p: frame.to_parquet(p, index=False))
-    _atomic(csv, lambda p: frame.to_csv(p, index=False))
+    atomic_write(parquet, lambda p: frame.to_parquet(p, index=False))
+    atomic_write(csv, lambda p: frame.to_csv(p, index=False))
     return parquet, csv
 
 
