@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clinbundle.cohort.cases import Case
-from clinbundle.cohort.job import run_cohort
+from clinbundle.cohort.job import engine_runner, run_cohort
 from clinbundle.cohort.model import CohortModel, ModelSpec, open_model
 from clinbundle.cohort.table import flag_worst, write_table
 
@@ -38,9 +38,10 @@ class Summary:
 
     def line(self) -> str:
         rate = f"{self.cases_per_min:.1f} cases/min" if self.ran else "nothing new to run"
+        tracked = f"; MLflow run {self.run_id}" if self.run_id else ""
         return (
             f"{self.cases} case(s): {self.done} done, {self.failed} failed "
-            f"({self.ran} run now, {rate}); table {self.table}"
+            f"({self.ran} run now, {rate}); table {self.table}{tracked}"
         )
 
 
@@ -57,6 +58,7 @@ def predict(
     """Run the cohort, flag the `flag` most uncertain cases, write the table, log the run
     (`track=False`: no MLflow run, e.g. for a caller that logs its own)."""
     output_dir = Path(output_dir)
+    engine_runner(engine)  # an unknown or missing engine fails before the model is opened
     model = open_model(spec)
     t0 = time.perf_counter()
     before = _manifest_lines(output_dir)

@@ -146,8 +146,7 @@ def run_cohort(
     rest run on `engine` and are appended to the manifest as they land. One job per folder.
 
     `model`: an already opened model (opened from `spec` otherwise)."""
-    if engine not in ENGINES:
-        raise ClinbundleError(f"unknown engine '{engine}': use {' or '.join(ENGINES)}")
+    run_engine = engine_runner(engine)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(output_dir):
@@ -155,7 +154,7 @@ def run_cohort(
         model = model or open_model(spec)
         rows, todo = _plan(cases, model, output_dir, retry_failed)
         log.info("%d case(s): %d kept from before, %d to run", len(cases), len(rows), len(todo))
-        for row in _engine(engine)(todo, spec, output_dir, address, model, progress):
+        for row in run_engine(todo, spec, output_dir, address, model, progress):
             rows[row["case_id"]] = row  # the last answer wins, as in the manifest
     return [rows[c.case_id] for c in cases if c.case_id in rows]
 
@@ -175,7 +174,10 @@ def _plan(
     return kept, todo
 
 
-def _engine(engine: str):
+def engine_runner(engine: str):
+    """The engine's runner; fails before any work when the engine is unknown or missing."""
+    if engine not in ENGINES:
+        raise ClinbundleError(f"unknown engine '{engine}': use {' or '.join(ENGINES)}")
     if engine == "local":
         return _run_local
     try:
@@ -202,4 +204,4 @@ def _run_local(todo, spec, output_dir, address, model, progress):
         yield row
 
 
-__all__ = ["ENGINES", "key_of", "predict_case", "run_cohort"]
+__all__ = ["ENGINES", "engine_runner", "key_of", "predict_case", "run_cohort"]
