@@ -470,6 +470,8 @@ def _check_predict_args(args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; each one a clear error before any work."""
     if args.flag_worst is not None and args.flag_worst < 0:
         raise ClinbundleError(f"--flag-worst must be >= 0, got {args.flag_worst}")
+    if args.dicomweb_token and not args.dicomweb:
+        raise ClinbundleError("--dicomweb-token is for a PACS: give --dicomweb URL with it")
     if args.study and not args.dicomweb:
         raise ClinbundleError("--study selects studies of a PACS: give --dicomweb URL with it")
     if args.address and args.engine != "ray":
@@ -836,6 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--input", help="folder of NIfTI files or DICOM studies (any layout)")
     inp.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of a PACS")
     pd.add_argument("--study", action="append", metavar="UID", help="with --dicomweb: a study")
+    pd.add_argument(
+        "--dicomweb-token",
+        help="bearer token for --dicomweb (default: CLINBUNDLE_DICOMWEB_TOKEN; the variable keeps "
+        "it out of the process list)",
+    )
     pd.add_argument("--output", required=True, help="folder for outputs, table and manifest")
     pd.add_argument("--engine", default="local", choices=["local", "ray"])
     pd.add_argument("--address", help="with --engine ray: the cluster (default: a local Ray)")

@@ -9,6 +9,8 @@ system-deps` installs them), started on loopback by the `orthanc` fixture.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from pydicom import dcmread
 
+from clinbundle.cli import main
 from clinbundle.cohort import dicomweb
 from clinbundle.cohort.dicom_cases import dicom_cases, read_dicom_case
 from clinbundle.packaging.bento import free_port
@@ -310,3 +314,102 @@ def earlier_seg(files: list[Path], path: Path) -> None:
         software_versions="1",
         device_serial_number="1",
     ).save_as(path)
+
+
+def vessel_volume(seed: int) -> np.ndarray:
+    """A synthetic vessel scan like the session model's training data, so it finds something."""
+    from clinbundle.training.synth import synthesize_volume
+
+    return synthesize_volume((40, 36, 16), np.random.default_rng(seed))[0]
+
+
+def predict(*args) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["predict", "--device", "cpu", *map(str, args)])
+    return rc, out.getvalue()
+
+
+def assert_seg_is_the_nifti_labels(seg_path: Path, nifti: Path, ct_files: list[Path]) -> None:
+    """The SEG's frame for slice k (by its source instance) is the NIfTI output's labels[:, :, k]
+    (rows x columns), and it references the CT series."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(seg_path)
+    sources = [dcmread(f, stop_before_pixels=True) for f in ct_files]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+        segment_numbers=[1],
+    )[..., 0]
+    labels = np.asarray(nib.load(nifti).dataobj)
+    np.testing.assert_array_equal(pixels, (labels == 1).transpose(2, 1, 0))
+
+
+def test_predict_on_a_dicom_folder_writes_a_valid_seg_of_the_chosen_series(
+    packaged, tmp_path: Path
+) -> None:
+    """`predict --input`: a study with a scout, a CT and a reconstruction (nested folders) plus
+    stray files is one case; its NIfTI and DICOM SEG outputs hold the same labels, the SEG
+    references the CT and dicom3tools' dciodvfy finds no error in it."""
+    from test_dicom import dciodvfy_errors
+
+    study = "1.2.826.0.1.3680043.8.498.21"
+    volume = vessel_volume(3)
+    series = write_study(tmp_path / "in", volume, study)
+    rc, stdout = predict(
+        "--bundle", packaged.bundle, "--input", tmp_path / "in", "--output", tmp_path / "out",
+        "--workdir", packaged.trained.workdir,
+    )  # fmt: skip
+    assert rc == 0, stdout
+    [row] = pd.read_parquet(tmp_path / "out" / "predictions.parquet").to_dict("records")
+    assert (row["case_id"], row["status"], row["error"]) == (study, "done", "")
+    assert row["shape"] == "x".join(map(str, volume.shape))
+    seg = tmp_path / "out" / row["seg"]
+    assert dciodvfy_errors(seg) == []
+    assert_seg_is_the_nifti_labels(seg, tmp_path / "out" / row["output"], series["ct"])
+
+
+@pytest.mark.slow
+def test_predict_dicomweb_stores_one_seg_per_study_once(
+    packaged, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Two CT studies sent to a real Orthanc by STOW; `predict --dicomweb` stores one SEG into
+    each (QIDO finds it in the study; it references the CT series and holds the labels of the
+    NIfTI output); a second run stores nothing new; a stopped PACS is exit 2 with the reason."""
+    studies = {}
+    for n, uid in enumerate(["1.2.826.0.1.3680043.8.498.31", "1.2.826.0.1.3680043.8.498.32"]):
+        series = write_study(tmp_path / f"study{n}", vessel_volume(10 + n), uid)
+        upload(orthanc.url, [f for fs in series.values() for f in fs])
+        studies[uid] = series["ct"]
+    args = ["--bundle", packaged.bundle, "--dicomweb", orthanc.url, "--output", tmp_path / "out"]
+    args += ["--workdir", packaged.trained.workdir]
+    rc, stdout = predict(*args)
+    assert rc == 0, stdout
+    assert "2 case(s): 2 done, 0 failed" in stdout
+    table = pd.read_parquet(tmp_path / "out" / "predictions.parquet").set_index("case_id")
+    assert sorted(table.index) == sorted(studies)
+    assert (table["stored"] == "yes").all(), table["stored"]
+
+    client = dicomweb.make_client(orthanc.url)
+    for uid, ct_files in studies.items():
+        [found] = seg_instances(client, uid)
+        series_uid = found["0020000E"]["Value"][0]
+        sop_uid = found["00080018"]["Value"][0]
+        stored = tmp_path / "stored.dcm"
+        client.retrieve_instance(uid, series_uid, sop_uid).save_as(stored)
+        row = table.loc[uid]
+        assert dcmread(tmp_path / "out" / row["seg"]).SOPInstanceUID == sop_uid
+        assert_seg_is_the_nifti_labels(stored, tmp_path / "out" / row["output"], ct_files)
+    assert not list((tmp_path / "out").glob(".dicomweb-*"))  # the retrieved studies are gone
+
+    rc, stdout = predict(*args)
+    assert rc == 0 and "nothing new to run" in stdout, stdout
+    assert all(len(seg_instances(client, uid)) == 1 for uid in studies)
+
+    orthanc.stop()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc, stdout = predict(*args)
+    assert rc == 2, stdout
+    assert f"the PACS at {orthanc.url} cannot be queried" in err.getvalue() + stdout

@@ -11,6 +11,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def predict(
     flag: int = 0,
     track: bool = True,
     retry_failed: bool = False,
+    finish: Callable[[list[dict]], list[dict]] | None = None,
 ) -> tuple[list[dict], Summary]:
     """Run the cohort, flag the `flag` most uncertain cases, write the table, log the run
-    (`track=False`: no MLflow run, e.g. for a caller that logs its own)."""
+    (`track=False`: no MLflow run, e.g. for a caller that logs its own). `finish` sees the rows
+    before they are flagged and tabled (e.g. `--dicomweb` stores each SEG and adds `stored`)."""
     output_dir = Path(output_dir)
     engine_runner(engine)  # an unknown or missing engine fails before the model is opened
     model = open_model(spec)
@@ -65,6 +68,8 @@ def predict(
     rows = run_cohort(
         cases, spec, output_dir, engine, address, model=model, retry_failed=retry_failed
     )
+    if finish is not None:
+        rows = finish(rows)
     seconds = time.perf_counter() - t0
     ran = _manifest_lines(output_dir) - before
     flag_worst(rows, flag)

@@ -21,14 +21,20 @@ against a clinical archive needs around it:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clinbundle.runtime.errors import ClinbundleError
+
+if TYPE_CHECKING:
+    from clinbundle.cohort.batch import Summary
+    from clinbundle.cohort.model import ModelSpec
 
 log = logging.getLogger("clinbundle.cohort")
 
@@ -109,6 +115,8 @@ def find_studies(client, url: str, study_uids: list[str] | None) -> list[tuple[s
     missing = [u for u in study_uids or [] if u not in found]
     if missing:
         raise DicomwebError(f"the PACS at {url} has no study {', '.join(missing)}")
+    if not found:
+        raise DicomwebError(f"the PACS at {url} holds no studies")
     log.info("QIDO-RS: %d stud%s", len(found), "y" if len(found) == 1 else "ies")
     return sorted(found.items())
 
@@ -201,7 +209,33 @@ def store_rows(client, rows: list[dict], output_dir: Path) -> None:
         row["stored"] = store_seg(client, Path(output_dir) / seg)
 
 
-def run_in_temp(output_dir: Path):
-    """The temp folder WADO-RS writes into: beside the outputs (same disk), removed after."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=".dicomweb-", dir=output_dir)
+def predict_dicomweb(args: argparse.Namespace, spec: ModelSpec) -> tuple[list[dict], Summary]:
+    """`clinbundle predict --dicomweb URL [--study UID ...]`: the studies are retrieved into a
+    temp folder beside the outputs (same disk; removed after the job), run as DICOM cases, and
+    each SEG is stored into its study before the table is written. A study that could not be
+    retrieved is a failed row (not in the manifest: the next run tries it again)."""
+    from clinbundle.cohort.batch import predict
+    from clinbundle.cohort.dicom_cases import dicom_cases
+
+    url, out = args.dicomweb, Path(args.output)
+    client = make_client(url, args.dicomweb_token)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".dicomweb-", dir=out) as tmp:
+        failed = fetch(client, url, args.study, Path(tmp))
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        cases = dicom_cases(files, Path(tmp))
+
+        def finish(rows: list[dict]) -> list[dict]:
+            store_rows(client, rows, out)
+            return rows + [r | {"status": "failed", "stored": ""} for r in failed]
+
+        return predict(
+            cases,
+            spec,
+            out,
+            args.engine,
+            args.address,
+            args.flag_worst or 0,
+            retry_failed=args.retry_failed,
+            finish=finish,
+        )

@@ -78,7 +78,7 @@ def write_outputs(
         from clinbundle.cohort.dicom_cases import write_dicom_seg
 
         out["seg"] = f"{output_stem(case)}_seg.dcm"
-        write_dicom_seg(case, volume, labels, model.contract, output_dir / out["seg"])
+        write_dicom_seg(case, volume, labels, model, output_dir / out["seg"])
     return out
 
 
