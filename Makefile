@@ -33,7 +33,8 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile.train Dockerfile.serve
 
 # The reviewer demo's browser test drives Debian's chromium (never a browser downloaded by
-# playwright); the MAP's DICOM SEG tests validate with dicom3tools' dciodvfy. Both are installed
+# playwright); the MAP's DICOM SEG tests validate with dicom3tools' dciodvfy; the PACS tests run a real
+# Orthanc with its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb). All are installed
 # here when missing and apt-get exists (CI starts from a bare machine); elsewhere install them
 # yourself (and point CHROMIUM_PATH at chromium).
 CHROMIUM_PATH ?= /usr/bin/chromium
@@ -47,6 +48,8 @@ apt_install = if command -v apt-get >/dev/null 2>&1; then \
 system-deps:
 	@[ -x "$(CHROMIUM_PATH)" ] || { $(call apt_install,chromium,for the browser test); }
 	@command -v dciodvfy >/dev/null 2>&1 || { $(call apt_install,dicom3tools,for the DICOM SEG tests); }
+	@command -v Orthanc >/dev/null 2>&1 || { $(call apt_install,orthanc,for the PACS tests); }
+	@[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { $(call apt_install,orthanc-dicomweb,for the PACS tests); }
 
 test: lint system-deps
 	$(BIN)/python -m pytest

@@ -44,6 +44,7 @@ EXTRAS = {
     "map": ("holoscan", "holoscan_cli", "pydicom", "highdicom"),
     "demo": ("gradio", "httpx"),
     "bundle": ("fire", "ignite"),
+    "pacs": ("dicomweb_client",),
 }
 #: The extras a command needs (its path of sub-command names).
 NEEDS = {

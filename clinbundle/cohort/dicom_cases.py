@@ -20,23 +20,20 @@ order) are that path in a few lines.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 
-from clinbundle.apps.map_app.inputs import MapInputError
-from clinbundle.apps.map_app.selection import (
-    check_volume_geometry,
-    choose_series,
-    series_rules,
-)
 from clinbundle.cohort.cases import Case, CaseVolume
 from clinbundle.runtime.errors import InputError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 log = logging.getLogger("clinbundle.cohort")
 
@@ -121,6 +118,9 @@ def _matches(series: _Series, rules: dict) -> bool:
 
 def choose(study: _Study, modality: str | None = None) -> _Series:
     """The series of `study` to segment, by the MAP's rules; each decision is logged."""
+    from clinbundle.apps.map_app.inputs import MapInputError
+    from clinbundle.apps.map_app.selection import choose_series, series_rules
+
     rules = series_rules(modality)
     matched = [_Selected(s) for s in study.get_all_series() if _matches(s, rules)]
     try:
@@ -133,6 +133,9 @@ def choose(study: _Study, modality: str | None = None) -> _Series:
 
 
 def _read_header(path: Path, root: Path) -> Dataset | None:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
     where = path.relative_to(root) if path.is_relative_to(root) else path
     try:
         ds = dcmread(path, defer_size=DEFER_SIZE)
@@ -183,6 +186,13 @@ def dicom_cases(files: list[Path], root: Path, modality: str | None = None) -> l
     """One case per StudyInstanceUID among `files`: the files of its chosen series (hashed by
     `series_hash`), or, when no series qualifies, all of its files (reading it then fails with
     the reason). `modality` narrows the candidates to the model's (None: any image series)."""
+    if importlib.util.find_spec("pydicom") is None:
+        log.warning(
+            "%d non-NIfTI file(s) left out: reading DICOM needs pydicom "
+            "(pip install 'clinbundle[pacs]')",
+            len(files),
+        )
+        return []
     cases = []
     for uid, study in sorted(_studies(files, Path(root)).items()):
         try:
@@ -230,7 +240,11 @@ def series_affine(sources: list[Dataset]) -> np.ndarray:
 def read_dicom_case(case: Case) -> CaseVolume:
     """The chosen series of `case` as float32 HU [i, j, k] with its RAS affine; `source` holds
     its datasets in slice order (for the SEG). InputError for a study that cannot be one."""
+    from pydicom import dcmread
+
     from clinbundle.apps.dicom_seg import sorted_sources
+    from clinbundle.apps.map_app.inputs import MapInputError
+    from clinbundle.apps.map_app.selection import check_volume_geometry
 
     study = _Study(case.case_id)
     for path in case.files:
