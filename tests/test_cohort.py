@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -344,3 +345,30 @@ def test_one_job_per_output_folder(tmp_path: Path) -> None:
     first.__exit__(None, None, None)
     with exclusive(tmp_path):  # released when the first job ends
         pass
+
+
+def test_bad_nifti_cases_fail_with_the_maps_reasons(tmp_path: Path) -> None:
+    """The MAP's checks (runtime/nifti_check, shared): each bad file is a reason, not a crash."""
+    vol, eye = np.ones((8, 8, 8), np.float32), np.diag([0.8, 0.7, 1.5, 1.0])
+    rgb = [("R", "u1"), ("G", "u1"), ("B", "u1")]
+    nan = vol.copy()
+    nan[1, 2, 3] = np.nan
+    singular = eye.copy()
+    singular[:3, 1] = singular[:3, 0]
+    zero = nib.Nifti1Image(vol, eye)
+    zero.header["pixdim"][1:4] = [0.8, 0.0, 1.5]
+    files = {
+        "flat.nii.gz": (nib.Nifti1Image(vol[:, :, :1], eye), "is not a volume"),
+        "image2d.nii.gz": (nib.Nifti1Image(vol[:, :, 0], eye), "expected a 3-D volume"),
+        "nan.nii.gz": (nib.Nifti1Image(nan, eye), "1 voxel(s) are NaN or infinite"),
+        "singular.nii": (nib.Nifti1Image(vol, singular), "the affine is singular"),
+        "zero.nii.gz": (zero, "voxel spacing [0.8, 0.0, 1.5] must be finite and positive"),
+        "rgb.nii": (nib.Nifti1Image(np.zeros((4, 4, 4), rgb), eye), "is not a number"),
+    }
+    for name, (img, _reason) in files.items():
+        nib.save(img, tmp_path / name)
+    for case in discover(tmp_path):
+        name = case.files[0].name
+        with pytest.raises(InputError, match=re.escape(f"{name}: ")) as e:
+            read_case(case)
+        assert files[name][1] in str(e.value), str(e.value)
