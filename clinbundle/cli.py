@@ -829,14 +829,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch inference over a folder of NIfTI files / DICOM studies (or a PACS)",
         description="Runs every case through the model (resumable: a re-run skips done cases, "
         "redoes runtime failures, keeps input failures); writes <case>_seg.nii.gz, predictions.*, "
-        "manifest.jsonl into --output, and logs an MLflow run in experiment batch-inference.",
+        "manifest.jsonl into --output, and logs an MLflow run in experiment batch-inference. "
+        "A DICOM study also gets <study>_seg.dcm (DICOM SEG); with --dicomweb the studies come "
+        "from a PACS (QIDO-RS, WADO-RS) and each SEG is stored back into its study (STOW-RS).",
     )
     src = pd.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registered model (as for package), run in PyTorch")
     src.add_argument("--bundle", help="ONNX bundle folder, run on its chosen runtime")
     inp = pd.add_mutually_exclusive_group(required=True)
     inp.add_argument("--input", help="folder of NIfTI files or DICOM studies (any layout)")
-    inp.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of a PACS")
+    inp.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="DICOMweb root of a PACS, e.g. http://pacs:8042/dicom-web (needs the pacs extra)",
+    )
     pd.add_argument("--study", action="append", metavar="UID", help="with --dicomweb: a study")
     pd.add_argument(
         "--dicomweb-token",

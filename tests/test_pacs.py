@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -183,8 +184,9 @@ class Orthanc:
     folder, no authentication), which a test may stop like a PACS that went down."""
 
     PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    # `users`: HTTP basic authentication on; anything else (a bearer token) gets 401
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
         exe = shutil.which("Orthanc")
         assert exe and self.PLUGIN.is_file(), (
             "Debian's orthanc and orthanc-dicomweb are missing: run `make system-deps`"
@@ -201,7 +203,8 @@ class Orthanc:
             "DicomPort": free_port(),
             "DicomServerEnabled": False,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "Plugins": [str(self.PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
@@ -217,6 +220,8 @@ class Orthanc:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/system", timeout=2).read()
                 return
+            except urllib.error.HTTPError:
+                return  # it answers (401 with authentication on)
             except OSError:
                 if self.proc.poll() is not None:
                     raise RuntimeError((self.root / "orthanc.log").read_text()[-3000:]) from None
@@ -261,7 +266,8 @@ def test_dicomweb_fetch_and_store_against_a_real_orthanc(orthanc: Orthanc, tmp_p
     assert dicomweb.find_studies(client, orthanc.url, None) == [(study, 12 + 1 + 6)]
     with pytest.raises(dicomweb.DicomwebError, match="has no study 1.2.3"):
         dicomweb.find_studies(client, orthanc.url, ["1.2.3"])
-    assert dicomweb.fetch(client, orthanc.url, [study], tmp_path / "got") == []
+    studies = dicomweb.find_studies(client, orthanc.url, [study])
+    assert dicomweb.fetch(client, studies, tmp_path / "got") == []
     [case] = dicom_cases(_files(tmp_path / "got"), tmp_path / "got")
     np.testing.assert_array_equal(
         read_dicom_case(case).image, quantize_hu(volume, SLOPE, INTERCEPT)
@@ -413,3 +419,30 @@ def test_predict_dicomweb_stores_one_seg_per_study_once(
         rc, stdout = predict(*args)
     assert rc == 2, stdout
     assert f"the PACS at {orthanc.url} cannot be queried" in err.getvalue() + stdout
+    assert len(pd.read_parquet(tmp_path / "out" / "predictions.parquet")) == 2  # untouched
+
+
+@pytest.mark.slow
+def test_a_pacs_that_refuses_the_token_is_exit_2_and_the_token_never_shows(
+    packaged, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """The token (from CLINBUNDLE_DICOMWEB_TOKEN) goes as a bearer header; an Orthanc that
+    wants other credentials answers 401: exit 2 naming the status, the token in no output."""
+    server = Orthanc(tmp_path / "orthanc", users={"alice": "wonderland"})
+    server.start()
+    token = "s3cret-token-7f2c"
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, token)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            rc = main(
+                ["predict", "--bundle", str(packaged.bundle), "--dicomweb", server.url,
+                 "--output", str(tmp_path / "out"), "--workdir", str(packaged.trained.workdir)]
+            )  # fmt: skip
+    finally:
+        server.stop()
+    out = capsys.readouterr()
+    assert rc == 2
+    assert "cannot be queried (QIDO-RS): HTTP 401" in out.err
+    assert token not in out.out + out.err + caplog.text
+    assert not (tmp_path / "out").exists()
+    assert dicomweb.make_client(server.url)._session.headers["Authorization"] == f"Bearer {token}"

@@ -185,11 +185,11 @@ def store_seg(
     return f"failed: {reason} ({tries} tries)"
 
 
-def fetch(client, url: str, study_uids: list[str] | None, folder: Path) -> list[dict]:
-    """Every study into `folder/<n>/`; the studies that could not be retrieved as failed rows
-    (case_id = study UID, error = why)."""
+def fetch(client, studies: list[tuple[str, int | None]], folder: Path) -> list[dict]:
+    """Every study (`find_studies`) into `folder/<n>/`; the studies that could not be retrieved
+    as failed rows (case_id = study UID, error = why)."""
     failed = []
-    for n, (uid, count) in enumerate(find_studies(client, url, study_uids)):
+    for n, (uid, count) in enumerate(studies):
         try:
             got = retrieve_study(client, uid, count, folder / str(n))
             log.info("WADO-RS: study %s, %d instance(s)", uid, got)
@@ -219,9 +219,10 @@ def predict_dicomweb(args: argparse.Namespace, spec: ModelSpec) -> tuple[list[di
 
     url, out = args.dicomweb, Path(args.output)
     client = make_client(url, args.dicomweb_token)
+    studies = find_studies(client, url, args.study)  # a PACS that is down: nothing written
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".dicomweb-", dir=out) as tmp:
-        failed = fetch(client, url, args.study, Path(tmp))
+        failed = fetch(client, studies, Path(tmp))
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
         cases = dicom_cases(files, Path(tmp))
 
