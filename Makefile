@@ -48,7 +48,7 @@ apt_install = if command -v apt-get >/dev/null 2>&1; then \
 system-deps:
 	@[ -x "$(CHROMIUM_PATH)" ] || { $(call apt_install,chromium,for the browser test); }
 	@command -v dciodvfy >/dev/null 2>&1 || { $(call apt_install,dicom3tools,for the DICOM SEG tests); }
-	@command -v Orthanc >/dev/null 2>&1 || { $(call apt_install,orthanc,for the PACS tests); }
+	@{ command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 || { $(call apt_install,orthanc,for the PACS tests); }
 	@[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { $(call apt_install,orthanc-dicomweb,for the PACS tests); }
 
 test: lint system-deps

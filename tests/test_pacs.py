@@ -187,7 +187,7 @@ class Orthanc:
     # `users`: HTTP basic authentication on; anything else (a bearer token) gets 401
 
     def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
-        exe = shutil.which("Orthanc")
+        exe = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
         assert exe and self.PLUGIN.is_file(), (
             "Debian's orthanc and orthanc-dicomweb are missing: run `make system-deps`"
         )
