@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinbundle.cohort.table import VOLUME_PREFIX
 from clinbundle.runtime.errors import InputError
 
-#: The table's columns this module reads (names from clinbundle.cohort.table).
+#: The columns of clinbundle.cohort.table.COLUMNS this module reads.
 NEEDED = (
     "case_id",
     "input",
@@ -31,7 +32,6 @@ NEEDED = (
     "output",
     "flagged",
 )
-VOLUME_PREFIX = "volume_ml_"  # one column per foreground label of the model's contract
 SAFE_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
