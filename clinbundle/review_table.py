@@ -10,7 +10,6 @@ on it. pandas reads the file (Parquet through pyarrow, or the CSV twin `predict`
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -112,7 +111,10 @@ def _row(table: Path, row: dict) -> tuple[FlaggedCase | None, list[str]]:
         uncertainty = math.nan
     image, output = _beside(table, str(row["input"])), _beside(table, str(row["output"]))
     if not image.is_file():
-        problems.append(f"{where}: its input {image} is not a file here")
+        problems.append(
+            f"{where}: its input {image} is not a file here (the queue and corrections take "
+            "NIfTI cases; a DICOM study's files are not named in the table)"
+        )
     if not str(row["output"]) or not output.is_file():
         problems.append(f"{where}: its stored prediction {output} is missing")
     if problems:
@@ -175,7 +177,9 @@ def read_flagged(table: Path | str) -> list[FlaggedCase]:
 
 def check_unchanged(case: FlaggedCase) -> None:
     """The input still holds the bytes the prediction was made from (its content hash)."""
-    digest = hashlib.sha256(case.input.read_bytes()).hexdigest()
+    from clinbundle.cohort.cases import files_sha256
+
+    digest = files_sha256([case.input])
     if digest != case.content_hash:
         raise InputError(
             f"case {case.case_id!r}: {case.input} changed since it was predicted (sha256 "

@@ -23,6 +23,7 @@ from PIL import Image
 from clinbundle.apps.render import VIEW_AXIS, display_window, render_slice
 from clinbundle.cli import main
 from clinbundle.packaging.bento import free_port
+from clinbundle.review_table import read_flagged
 from clinbundle.runtime.contract import Normalization
 from clinbundle.training.data import read_dataset, train_transforms, validate_dataset
 from clinbundle.training.synth import write_dataset
@@ -153,18 +154,25 @@ def test_a_bad_queue_is_exit_2_with_the_reason(
     frame[["case_id", "flagged"]].to_parquet(foreign)
     notparquet = tmp_path / "notes.parquet"
     notparquet.write_text("hello")
-    escape = tmp_path / "escape.parquet"
+    escape, ghost = tmp_path / "escape.parquet", table.parent / "ghost.parquet"
     frame.assign(case_id="../../etc").to_parquet(escape)
+    frame.assign(model_version="999").to_parquet(ghost)  # beside its outputs: only the model
     for path, needle in (
         (tmp_path / "missing.parquet", "no such predictions table"),
         (notparquet, "not a readable Parquet table"),
         (foreign, "missing columns: input, content_hash"),
         (unflagged, "no flagged case"),
         (escape, "case_id must be letters"),
+        (ghost, "v999 is not in the MLflow registry"),
     ):
         assert main(["demo", "--queue", str(path), "--workdir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+    ghost.unlink()
+    # the CSV twin opens the same queue
+    fields = ("case_id", "input", "content_hash", "uncertainty", "output", "model")
+    same = [[getattr(c, f) for f in fields] for c in read_flagged(table.with_suffix(".csv"))]
+    assert same == [[getattr(c, f) for f in fields] for c in read_flagged(table)]
     # an input changed since it was predicted is refused when the case opens
     from clinbundle.apps.review_queue import open_queue
     from clinbundle.runtime.errors import InputError
