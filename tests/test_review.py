@@ -232,6 +232,16 @@ def test_corrections_of_flagged_cases_join_the_training_set(
     assert "2 unchanged" in capsys.readouterr().out
     assert (msd / "dataset.json").read_bytes() == meta
 
+    # a second correction of one case replaces its label, and only its label
+    fixed = labels / f"{flagged[0]}.nii.gz"
+    img = nib.load(fixed)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), fixed)
+    assert main([*args, "--data", str(msd)]) == 0
+    assert "1 replaced" in capsys.readouterr().out
+    ds = validate_dataset(read_dataset(msd))
+    assert len(ds.training) == before + 2
+    assert Path(new[flagged[0]]["label"]).read_bytes() == fixed.read_bytes()
+
 
 def test_a_bad_or_unflagged_correction_adds_nothing(
     cohort: Path, table: Path, msd: Path, tmp_path: Path, capsys
