@@ -1,6 +1,7 @@
 """`clinbundle demo`: a Gradio page where a reviewer looks at what a model does before it ships.
 
-    input  (bundled synthetic sample | uploaded NIfTI / .npy)
+    input  (bundled synthetic sample | uploaded NIfTI / .npy | flagged cases of a predict
+            table, with the labels predict stored: `--queue`, see review_queue.py)
       -> runtime (PyTorch model from the registry | ONNX bundle | bento endpoint over HTTP)
       -> three slice views with label overlay, Dice when the sample has a ground truth
       -> model card, parity report, inference time, execution provider actually used
@@ -628,10 +629,19 @@ def build_app(demo: ReviewerDemo):
 
     @user_errors
     def on_queue(index: int, opacity: float, pred: bool, truth: bool):
-        """Open queue case `index` (kept inside the queue: past the last, the last again)."""
+        """Open queue case `index` (past the last, the last again). A case that cannot open is
+        said in the queue's line and the page is cleared, so "next" still moves past it and no
+        review can land on the case shown before."""
         queue = demo.queue
         index = max(0, min(int(index), len(queue) - 1))
-        return [index, queue.markdown(index), *show_case(queue.open(index), opacity, pred, truth)]
+        try:
+            shown = show_case(queue.open(index), opacity, pred, truth)
+        except ClinbundleError as e:
+            log.warning("queue case %d cannot open: %s", index + 1, e)
+            why = f"{queue.markdown(index)}  \n**this case cannot open:** {e}"
+            cleared = [None, *(gr.skip() for _ in VIEWS), *(None for _ in VIEWS)]
+            return [index, why, *cleared, "No case loaded.", "", None]
+        return [index, queue.markdown(index), *shown]
 
     first = demo.runtime(demo.default_runtime)
     with gr.Blocks(title="clinbundle reviewer demo") as app:
