@@ -183,9 +183,19 @@ def test_a_bad_queue_is_exit_2_with_the_reason(
     frame.loc[frame.case_id == first, "input"] = str(moved)
     frame["output"] = [str(table.parent / o) for o in frame.output]  # the table moves to tmp
     frame.to_parquet(changed)
-    queue, _runtime = open_queue(changed)
+    queue, runtime = open_queue(changed)
     with pytest.raises(InputError, match="changed since it was predicted"):
         queue.open(0)
+    # the page says so in the queue's line, shows no case, and "next" moves past it
+    from clinbundle.apps.demo import ReviewerDemo, build_app
+
+    app = build_app(ReviewerDemo([runtime], {}, tmp_path / "out", queue))
+    handler = {f.api_name: f.fn for f in app.fns.values()}
+    index, line, case, *_views, status, _dice, _file = handler["queue_open"](0.5, True, True)
+    assert (index, case, status) == (0, None, "No case loaded.") and "cannot open" in line, line
+    assert "changed since it was predicted" in line
+    index, line, case, *_ = handler["queue_next"](index, 0.5, True, True)
+    assert index == 1 and case.name == _flagged(table)[1] and "case 2 of 2" in line
 
 
 # --------------------------------------------------------------------------- add-corrections
