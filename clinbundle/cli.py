@@ -88,6 +88,14 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def cmd_add_corrections(args: argparse.Namespace) -> int:
+    from clinbundle.training.corrections import add_corrections
+
+    report = add_corrections(Path(args.table), Path(args.labels), Path(args.data))
+    print(report.summary(Path(args.data)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from clinbundle.training.run import run_training
 
@@ -462,6 +470,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.port,
         samples,
         token=args.token,
+        queue=Path(args.queue) if args.queue else None,
     )
     return 0
 
@@ -552,6 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="store cases at mixed spacings (0.8x0.8x1.5 mm, ...) and orientations (RAS, LPS)",
     )
     s.set_defaults(func=cmd_synth)
+    ac = data.add_parser(
+        "add-corrections",
+        help="corrected labels of flagged cases into an MSD folder (the next training uses them)",
+        description="Each LABELS/<case_id>.nii.gz of a case the table flagged is validated like "
+        "training data and added, with its image from the table's input, to DATA's imagesTr/, "
+        "labelsTr/ and dataset.json; any bad or unflagged label refuses the whole call (exit 2).",
+    )
+    ac.add_argument("--table", required=True, help="predictions.parquet (or .csv) of a predict run")
+    ac.add_argument("--labels", required=True, help="folder of corrected <case_id>.nii.gz labels")
+    ac.add_argument("--data", required=True, help="MSD folder (dataset.json) to add them to")
+    ac.set_defaults(func=cmd_add_corrections)
 
     t = sub.add_parser(
         "train",
@@ -808,7 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(v)
     v.set_defaults(func=cmd_verify)
 
-    d = sub.add_parser("demo", help="Gradio reviewer demo on 127.0.0.1 (model, bundle or bento)")
+    d = sub.add_parser(
+        "demo",
+        help="Gradio reviewer demo on 127.0.0.1 (model, bundle or bento)",
+        description="The reviewer page. With --queue it opens the flagged cases of a predict "
+        "table one after another, e.g. clinbundle demo --queue out/predictions.parquet "
+        "--workdir work",
+    )
     d.add_argument("--model", help="registered model for the PyTorch runtime (as for package)")
     d.add_argument("--bundle", help="ONNX bundle folder for the ONNX runtime")
     d.add_argument("--endpoint", help="URL of a running bento service (POST /segment)")
@@ -821,6 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
         "it out of the process list)",
     )
     d.add_argument("--samples", help="MSD folder whose held-out pairs are the samples")
+    d.add_argument(
+        "--queue",
+        metavar="TABLE",
+        help="review the flagged cases of a `predict` table (predictions.parquet), most "
+        "uncertain first, with the labels predict stored; reviews go to the table's model "
+        "version (needs the --workdir or MLFLOW_TRACKING_URI that predict used)",
+    )
     common(d)
     d.set_defaults(func=cmd_demo)
 

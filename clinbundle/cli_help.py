@@ -15,6 +15,8 @@ EXAMPLES = {
     (): "clinbundle quickstart --workdir work",
     ("data",): "clinbundle data synth --out data/vessels --n 16 --n-test 4",
     ("data", "synth"): "clinbundle data synth --out data/vessels --n 16 --n-test 4 --seed 0",
+    ("data", "add-corrections"): "clinbundle data add-corrections --table out/predictions.parquet "
+    "--labels corrected/ --data data/vessels",
     ("train",): "clinbundle train --data data/vessels --workdir work --set train.epochs=100",
     ("promote",): "clinbundle promote --model vessel-seg --data data/vessels --workdir work",
     ("ensemble",): "clinbundle ensemble --from GRID_RUN_ID --workdir work",

@@ -384,6 +384,9 @@ def test_reviewer_flow_in_a_real_browser(demo_server, tracking, packaged, tmp_pa
         try:
             page = ctx.new_page()
             page.set_default_timeout(60_000)
+            # expect() has its own 5 s default, which a first Run can pass on 2 loaded cores
+            # (the bundle's default runtime may load its package on first use)
+            expect.set_options(timeout=60_000)
             page.goto(demo_server["url"])
             expect(page.locator("#model-card")).to_contain_text(f"{tracking.name} v")
 

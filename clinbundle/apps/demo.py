@@ -1,6 +1,7 @@
 """`clinbundle demo`: a Gradio page where a reviewer looks at what a model does before it ships.
 
-    input  (bundled synthetic sample | uploaded NIfTI / .npy)
+    input  (bundled synthetic sample | uploaded NIfTI / .npy | flagged cases of a predict
+            table, with the labels predict stored: `--queue`, see review_queue.py)
       -> runtime (PyTorch model from the registry | ONNX bundle | bento endpoint over HTTP)
       -> three slice views with label overlay, Dice when the sample has a ground truth
       -> model card, parity report, inference time, execution provider actually used
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +39,9 @@ import numpy as np
 from clinbundle.apps import http_io
 from clinbundle.apps.render import VIEW_AXIS, VIEWS, dice_per_label, display_window, render_slice
 from clinbundle.runtime.errors import ClinbundleError, InputError
+
+if TYPE_CHECKING:
+    from clinbundle.apps.review_queue import ReviewQueue
 
 log = logging.getLogger("clinbundle.demo")
 
@@ -65,6 +69,7 @@ class Case:
     seconds: float | None = None
     dice: dict[str, float] = field(default_factory=dict)
     window: tuple[float, float] = (0.0, 1.0)
+    origin: dict | None = None  # a review-queue case: its table, stored output, uncertainty
 
     def __post_init__(self) -> None:
         self.window = display_window(self.image)
@@ -406,11 +411,13 @@ class ReviewerDemo:
         runtimes: list[DemoRuntime],
         samples: dict[str, tuple[Path, Path]],
         output_dir: Path,
+        queue: ReviewQueue | None = None,
     ) -> None:
         if not runtimes:
             raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
         self.runtimes = {r.key: r for r in runtimes}
         self.samples = samples
+        self.queue = queue
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
         # Gradio runs handlers in worker threads: two reviewers flagging at once must not both
@@ -489,6 +496,8 @@ class ReviewerDemo:
             "model": {"name": rt.info.name, "version": rt.info.version, "run_id": rt.info.run_id},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        if case.origin is not None:
+            review["queue"] = case.origin
         with self._flag_lock:
             return record_review(rt.info, review)
 
@@ -618,6 +627,22 @@ def build_app(demo: ReviewerDemo):
     def on_flag(case: Case | None, verdict: str, comment: str, reviewer: str):
         return f"Flag stored: {demo.flag(case, verdict, comment, reviewer)}"
 
+    @user_errors
+    def on_queue(index: int, opacity: float, pred: bool, truth: bool):
+        """Open queue case `index` (past the last, the last again). A case that cannot open is
+        said in the queue's line and the page is cleared, so "next" still moves past it and no
+        review can land on the case shown before."""
+        queue = demo.queue
+        index = max(0, min(int(index), len(queue) - 1))
+        try:
+            shown = show_case(queue.open(index), opacity, pred, truth)
+        except ClinbundleError as e:
+            log.warning("queue case %d cannot open: %s", index + 1, e)
+            why = f"{queue.markdown(index)}  \n**this case cannot open:** {e}"
+            cleared = [None, *(gr.skip() for _ in VIEWS), *(None for _ in VIEWS)]
+            return [index, why, *cleared, "No case loaded.", "", None]
+        return [index, queue.markdown(index), *shown]
+
     first = demo.runtime(demo.default_runtime)
     with gr.Blocks(title="clinbundle reviewer demo") as app:
         case_state = gr.State(None)
@@ -627,6 +652,11 @@ def build_app(demo: ReviewerDemo):
         )
         with gr.Row():
             with gr.Column(scale=3):
+                queue_index = gr.State(0)
+                if demo.queue is not None:
+                    with gr.Row():
+                        queue_status = gr.Markdown(elem_id="queue-status")
+                        queue_next = gr.Button("Next flagged case", elem_id="queue-next", scale=0)
                 with gr.Row():
                     sample = gr.Dropdown(
                         choices=list(demo.samples),
@@ -713,6 +743,15 @@ def build_app(demo: ReviewerDemo):
             )
         runtime.input(on_runtime, runtime, [card, parity, full_card, run_info])
         flag_btn.click(on_flag, [case_state, verdict, comment, reviewer], flag_status)
+        if demo.queue is not None:
+            queued = [queue_index, queue_status, *loaded]
+            app.load(lambda *d: on_queue(0, *d), display, queued, api_name="queue_open")
+            queue_next.click(
+                lambda i, *d: on_queue(i + 1, *d),
+                [queue_index, *display],
+                queued,
+                api_name="queue_next",
+            )
     return app
 
 
@@ -763,15 +802,28 @@ def run_demo(
     samples: Path | None = None,
     block: bool = True,
     token: str | None = None,
+    queue: Path | None = None,
 ):
-    """Start the page on 127.0.0.1:PORT (loopback only: patient-like data stays local)."""
+    """Start the page on 127.0.0.1:PORT (loopback only: patient-like data stays local).
+
+    With `queue` (a predictions table) the page opens its flagged cases; a model, bundle or
+    endpoint is then only loaded when one is given, and samples only when `samples` is.
+    """
     from clinbundle.tracking import configure_tracking
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "cache" / "gradio"))
     configure_tracking(workdir)
-    runtimes = build_runtimes(workdir, model, bundle, endpoint, name, device, token)
-    demo = ReviewerDemo(runtimes, ensure_samples(workdir, samples), workdir / "demo" / "outputs")
+    review_queue, runtimes = None, []
+    if queue is not None:
+        from clinbundle.apps.review_queue import open_queue
+
+        review_queue, stored = open_queue(queue)
+        runtimes.append(stored)
+    if queue is None or model or bundle or endpoint:
+        runtimes += build_runtimes(workdir, model, bundle, endpoint, name, device, token)
+    shown = ensure_samples(workdir, samples) if queue is None or samples else {}
+    demo = ReviewerDemo(runtimes, shown, workdir / "demo" / "outputs", review_queue)
     app = build_app(demo)
     try:
         app.launch(

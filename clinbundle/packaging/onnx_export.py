@@ -35,9 +35,23 @@ def _staged_mean(g, t, axes: list[int]):
     that are mostly MONAI's zero padding) the variance loses digits. On a trained DynUNet the
     logits were 2.5e-4 from a float64 reference where PyTorch's fp32 was 9e-6, which broke the
     1e-4 parity on volumes smaller than the roi; with staged means ONNX Runtime is at 1e-5.
+
+    The stages alternate ReduceMean and ReduceSum of the values divided by the axis size (the
+    same mean): OpenVINO's ReduceMerge folds a chain of ReduceMeans back into one reduction over
+    the whole patch, which its CPU plugin sums in one fp32 run per channel (the same loss again:
+    logits 6.3e-4 from PyTorch on the tiny test model's zero-padded patch, probabilities 1.5e-4
+    on its parity suite and 7.8e-4 on the quickstart champion's). It merges only reductions of
+    one kind that feed each other directly; with the kinds alternating and a Div between them
+    it keeps every stage (logits 5e-6, as ONNX Runtime). Dividing before the sum, not after,
+    keeps an fp16 graph's sums in range; only every other stage pays the Shape/Cast/Div nodes.
     """
-    for axis in reversed(axes):
-        t = g.op("ReduceMean", t, axes_i=[axis], keepdims_i=1)
+    for stage, axis in enumerate(reversed(axes)):
+        if stage % 2 == 0:
+            t = g.op("ReduceMean", t, axes_i=[axis], keepdims_i=1)
+            continue
+        size = g.op("Shape", t, start_i=axis, end_i=axis + 1)  # dynamic: any patch shape
+        t = g.op("Div", t, g.op("Cast", size, to_i=onnx.TensorProto.FLOAT))
+        t = g.op("ReduceSum", t, g.op("Constant", value_t=torch.tensor([axis])), keepdims_i=1)
     return t
 
 
