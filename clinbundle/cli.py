@@ -480,6 +480,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_predict_args(args: argparse.Namespace) -> None:
+    """Combinations argparse cannot express; each one a clear error before any work."""
+    if args.flag_worst is not None and args.flag_worst < 0:
+        raise ClinbundleError(f"--flag-worst must be >= 0, got {args.flag_worst}")
+    if args.study and not args.dicomweb:
+        raise ClinbundleError("--study selects studies of a PACS: give --dicomweb URL with it")
+    if args.address and args.engine != "ray":
+        raise ClinbundleError("--address is the Ray cluster: give it with --engine ray")
+    if args.input:
+        src, out = Path(args.input).resolve(), Path(args.output).resolve()
+        if out == src or src in out.parents:
+            raise ClinbundleError(
+                f"--output {args.output} is inside --input {args.input}: a re-run would take "
+                "the outputs for new cases; write them elsewhere"
+            )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Batch inference over a folder (or a PACS): exit 0 when the job ran, even with failed
+    cases (the table lists them); 2 when it cannot start."""
+    from clinbundle.cohort.batch import predict
+    from clinbundle.cohort.model import ModelSpec
+    from clinbundle.tracking import configure_tracking
+
+    wd = _workdir(args)
+    _check_predict_args(args)
+    bundle = Path(args.bundle) if args.bundle else None
+    spec = ModelSpec(args.model, bundle, args.device, wd, args.threads)
+    configure_tracking(wd)
+    if args.dicomweb:
+        try:
+            from clinbundle.cohort.dicomweb import predict_dicomweb
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("clinbundle.cohort"):
+                raise ClinbundleError("DICOMweb input is not installed") from None
+            raise
+        _rows, summary = predict_dicomweb(args, spec)
+    else:
+        from clinbundle.cohort.cases import discover
+
+        cases = discover(Path(args.input))
+        out, flag = Path(args.output), args.flag_worst or 0
+        _rows, summary = predict(
+            cases, spec, out, args.engine, args.address, flag, retry_failed=args.retry_failed
+        )
+    print(summary.line())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from clinbundle.training.config import config_to_yaml, load_config
 
@@ -806,6 +855,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", help="MSD folder whose held-out pairs are the samples")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    pd = sub.add_parser(
+        "predict",
+        help="batch inference over a folder of NIfTI files / DICOM studies (or a PACS)",
+        description="Runs every case through the model (resumable: a re-run skips done cases "
+        "and redoes failed ones); writes <case>_seg.nii.gz, predictions.parquet/.csv and "
+        "manifest.jsonl into --output, and logs an MLflow run in experiment batch-inference.",
+    )
+    src = pd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model (as for package), run in PyTorch")
+    src.add_argument("--bundle", help="ONNX bundle folder, run on its chosen runtime")
+    inp = pd.add_mutually_exclusive_group(required=True)
+    inp.add_argument("--input", help="folder of NIfTI files or DICOM studies (any layout)")
+    inp.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of a PACS")
+    pd.add_argument("--study", action="append", metavar="UID", help="with --dicomweb: a study")
+    pd.add_argument("--output", required=True, help="folder for outputs, table and manifest")
+    pd.add_argument("--engine", default="local", choices=["local", "ray"])
+    pd.add_argument("--address", help="with --engine ray: the cluster (default: a local Ray)")
+    pd.add_argument(
+        "--flag-worst", type=int, metavar="N", help="flag the N most uncertain cases for review"
+    )
+    pd.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the cases that failed on their own input (they are kept otherwise)",
+    )
+    pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pd.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+    common(pd)
+    pd.set_defaults(func=cmd_predict)
 
     k = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_cmd", required=True)
     kn = k.add_parser("new", help="a new EC P-256 key pair (private key mode 0600) for --sign-key")

@@ -30,6 +30,9 @@ EXAMPLES = {
     ("run-map",): "clinbundle run-map map -i dicom-series/ -o out/",
     ("verify",): "clinbundle verify bundle --key signing-key.pub.pem",
     ("demo",): "clinbundle demo --bundle bundle --samples data/vessels --workdir work",
+    (
+        "predict",
+    ): "clinbundle predict --bundle bundle --input scans/ --output preds/ --flag-worst 5",
     ("keys",): "clinbundle keys new --out keys",
     ("keys", "new"): "clinbundle keys new --out keys",
     ("config",): "clinbundle config --set compute.device=cpu --set train.epochs=5",

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import nibabel as nib
-import numpy as np
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from clinbundle.runtime.errors import InputError
+from clinbundle.runtime.nifti_check import is_nifti, nifti_stem, read_checked
+
+__all__ = ["InputScan", "MapInputError", "check_nifti", "is_nifti", "nifti_stem", "scan_input"]
 
 
 class MapInputError(Exception):
@@ -29,18 +30,6 @@ class MapInputError(Exception):
 class InputScan:
     kind: Literal["dicom", "nifti"]
     files: list[Path]
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def nifti_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _files(folder: Path) -> list[Path]:
@@ -111,50 +100,15 @@ def scan_input(folder: Path) -> InputScan:
     return InputScan("dicom", dicom)
 
 
-def _stored_zooms(path: Path, img) -> np.ndarray:
-    """pixdim as stored: nibabel's header check on load silently turns a zero into 1."""
-    from nibabel.openers import ImageOpener
-
-    try:
-        with ImageOpener(str(path)) as f:
-            raw = type(img.header).from_fileobj(f, check=False)
-        return np.asarray(raw["pixdim"][1:4], float)
-    except Exception:
-        return np.asarray(img.header.get_zooms()[:3], float)
-
-
 def check_nifti(path: Path, folder: Path | None = None) -> None:
     """A NIfTI file must be one 3-D volume with finite intensities and a usable geometry.
 
     Reads the whole image (NaN voxels are only found that way): an input the model would turn
-    into garbage, or an affine the label file could not be placed with, fails here.
+    into garbage, or an affine the label file could not be placed with, fails here. The checks
+    are the runtime core's (`nifti_check`), shared with batch inference.
     """
     name = str(path.relative_to(folder)) if folder is not None else path.name
     try:
-        img = nib.load(str(path))
-        shape = img.shape
-    except Exception as e:
-        raise MapInputError(f"{name}: not a readable NIfTI file ({e})") from None
-    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
-        raise MapInputError(f"{name}: expected a 3-D volume, got shape {shape}")
-    if min(shape[:3]) < 2:
-        raise MapInputError(f"{name}: shape {shape[:3]} is not a volume (a 2-D image?)")
-    zooms = _stored_zooms(path, img)
-    if not np.isfinite(zooms).all() or (zooms <= 0).any():
-        raise MapInputError(
-            f"{name}: voxel spacing {np.round(zooms, 4).tolist()} must be finite and positive"
-        )
-    affine = np.asarray(img.affine, float)
-    if not np.isfinite(affine).all():
-        raise MapInputError(f"{name}: the affine has non-finite values: {affine.round(4).tolist()}")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise MapInputError(f"{name}: the affine is singular (det 0): {affine.round(4).tolist()}")
-    try:
-        data = np.asarray(img.dataobj)
-    except Exception as e:
-        raise MapInputError(f"{name}: the image data cannot be read ({e})") from None
-    if data.dtype.kind not in "biuf":
-        raise MapInputError(f"{name}: image data type {data.dtype} is not a number")
-    bad = int(np.count_nonzero(~np.isfinite(data))) if data.dtype.kind == "f" else 0
-    if bad:
-        raise MapInputError(f"{name}: {bad} voxel(s) are NaN or infinite")
+        read_checked(path, name)
+    except InputError as e:
+        raise MapInputError(str(e)) from None
