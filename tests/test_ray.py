@@ -4,18 +4,25 @@ test (`ray start`, 1 CPU each, their own temp dir and auth token), a real `mlflo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pandas as pd
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clinbundle.cohort.atomic import TEMP_PREFIX
+from clinbundle.cohort.manifest import MANIFEST
 from clinbundle.packaging.bento import free_port
 
 from conftest import TINY
@@ -113,6 +120,56 @@ def _clinbundle(args: list[str], cwd: Path, env: dict, timeout: int = 900):
     return r
 
 
+def _cohort(data: Path, folder: Path) -> Path:
+    """The session's 9 volumes (mixed spacings and orientations) and one truncated file."""
+    folder.mkdir(parents=True)
+    images = sorted(data.glob("images*/*.nii.gz"))
+    for src in images:
+        shutil.copy(src, folder / src.name)
+    raw = images[0].read_bytes()
+    (folder / "corrupt.nii.gz").write_bytes(raw[: len(raw) // 3])
+    return folder
+
+
+def _labels(folder: Path) -> dict[str, bytes]:
+    """Output name -> the label array's bytes (not the file's: gzip stores a time stamp)."""
+    return {p.name: np.asarray(nib.load(p).dataobj).tobytes() for p in folder.glob("*_seg.nii.gz")}
+
+
+def _predict_args(packaged, src: Path, out: Path) -> list[str]:
+    wd = packaged.trained.workdir
+    return ["predict", "--bundle", str(packaged.bundle), "--input", str(src), "--output",
+            str(out), "--workdir", str(wd), "--device", "cpu"]  # fmt: skip
+
+
+def test_a_cohort_on_the_cluster_equals_the_local_engine(
+    ray_cluster: RayCluster, packaged, tmp_path: Path
+) -> None:
+    """Same labels (byte-equal arrays) and the same table rows; the corrupt case fails on Ray
+    with the same reason. Only `seconds` differs, and the uncertainty by float rounding (one
+    runtime thread per actor sums in another order than the local default)."""
+    from clinbundle.cli import main
+
+    src = _cohort(packaged.trained.data, tmp_path / "in")
+    assert main(_predict_args(packaged, src, tmp_path / "local")) == 0
+    args = [*_predict_args(packaged, src, tmp_path / "ray"), "--engine", "ray"]
+    r = _clinbundle([*args, "--address", ray_cluster.address], tmp_path, ray_cluster.env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    assert "10 case(s): 9 done, 1 failed" in r.stdout
+
+    local, ray = _labels(tmp_path / "local"), _labels(tmp_path / "ray")
+    assert len(local) == 9 and local == ray
+    a = pd.read_parquet(tmp_path / "local" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "ray" / "predictions.parquet")
+    pd.testing.assert_frame_equal(
+        a.drop(columns=["seconds", "uncertainty"]), b.drop(columns=["seconds", "uncertainty"])
+    )
+    np.testing.assert_allclose(a.uncertainty, b.uncertainty, rtol=1e-5)
+    assert b[b.status == "failed"].case_id.tolist() == ["corrupt"]
+    lines = (tmp_path / "ray" / MANIFEST).read_text().splitlines()
+    assert sorted(json.loads(x)["case_id"] for x in lines) == sorted(b.case_id)
+
+
 def test_a_grid_runs_as_ray_tasks_against_a_real_tracking_server(
     ray_cluster: RayCluster, mlflow_server, synth_data: Path, tmp_path: Path
 ) -> None:
@@ -154,3 +211,56 @@ def test_a_grid_on_ray_refuses_a_local_tracking_store(
     assert "needs a remote MLflow tracking server" in capsys.readouterr().err
     assert main([*args, "--engine", "ray", "--tracking-uri", "sqlite:///x.db"]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def _worker_actor(raylet: psutil.Process) -> bool:
+    """Whether a pool actor (`ray::MapWorker(...CasePredictor...)`) lives on that node."""
+    for p in raylet.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "CasePredictor" in " ".join(p.cmdline()):
+                return True
+    return False
+
+
+def test_killing_the_worker_node_mid_cohort_still_gives_every_case_once(
+    ray_cluster: RayCluster, packaged, tmp_path: Path
+) -> None:
+    """The worker node's raylet and every process under it (its pool actor among them) are
+    killed once outputs have landed and while the actor works; the job finishes on the head
+    with every case exactly once in the table, the manifest and on disk. Runs last in this
+    module: it leaves the cluster without its worker."""
+    src = _cohort(packaged.trained.data, tmp_path / "in")
+    out = tmp_path / "out"
+    args = [*_predict_args(packaged, src, out), "--engine", "ray", "--address", ray_cluster.address]
+    raylet = ray_cluster.worker_raylet()
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "clinbundle", *args],
+            cwd=tmp_path, env=ray_cluster.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 600
+            while not (list(out.glob("*_seg.nii.gz")) and _worker_actor(raylet)):
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-6000:]
+                assert time.monotonic() < deadline, "no output landed in 600 s"
+                time.sleep(0.1)
+            before = {p.name for p in out.glob("*_seg.nii.gz")}
+            victims = [raylet, *raylet.children(recursive=True)]
+            for p in victims:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(victims, timeout=30)
+            rc = driver.wait(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = (tmp_path / "driver.log").read_text()
+    assert rc == 0, text[-6000:]
+    after = set(_labels(out))
+    assert 0 < len(before) < 9 and len(after) == 9, (before, after)  # the kill landed mid-job
+    t = pd.read_parquet(out / "predictions.parquet")
+    assert t.case_id.is_unique and len(t) == 10 and (t.status == "done").sum() == 9
+    assert sorted(t[t.status == "done"].output) == sorted(after)
+    lines = (out / MANIFEST).read_text().splitlines()
+    assert sorted(json.loads(x)["case_id"] for x in lines) == sorted(t.case_id)
+    assert not [p for p in out.iterdir() if p.name.startswith(TEMP_PREFIX)]
