@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,84 +20,16 @@ from mlflow.tracking import MlflowClient
 
 from clinbundle.cohort.atomic import TEMP_PREFIX
 from clinbundle.cohort.manifest import MANIFEST
-from clinbundle.packaging.bento import free_port
+from clinbundle.ray_cluster import LoopbackCluster
 
 from conftest import TINY
 
-pytest.importorskip("ray", reason="the ray extra: pip install 'clinbundle[ray]'")
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-class RayCluster:
-    """`ray start --head` and one `ray start --address` on this machine (1 CPU each).
-
-    Stopped by process id (every process whose command line names this cluster's temp dir, and
-    their children), never with `ray stop`, which would stop every Ray of the user's machine.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        # short, in the system temp: Ray's socket paths under it must fit in 107 bytes
-        self.tmp = Path(tempfile.mkdtemp(prefix="cb-ray-"))
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.worker_port = free_port()
-        token = root / "token"
-        token.write_text(secrets.token_hex(32))
-        self.env = os.environ | {
-            "RAY_TMPDIR": str(self.tmp),
-            "RAY_AUTH_MODE": "token",  # the driver needs the same two variables
-            "RAY_AUTH_TOKEN_PATH": str(token),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # a killed node is declared dead in ~2 s, not 15
-            "RAY_health_check_period_ms": "500",
-            "RAY_health_check_failure_threshold": "3",
-        }
-
-    def _start(self, *args: str) -> None:
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-        store = ["--object-store-memory", str(200 * 2**20)]
-        r = subprocess.run(
-            [RAY, "start", *args, *common, *store],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-    def start(self) -> None:
-        head = ["--head", "--port", str(self.port), "--include-dashboard", "false"]
-        self._start(*head, "--temp-dir", str(self.tmp))
-        self._start("--address", self.address, "--node-manager-port", str(self.worker_port))
-
-    def worker_raylet(self) -> psutil.Process:
-        """The worker node's raylet (its node manager listens on `worker_port`)."""
-        flag = f"--node_manager_port={self.worker_port}"
-        found = [p for p in self._processes() if "raylet" in p.name() and flag in p.cmdline()]
-        assert len(found) == 1, found
-        return found[0]
-
-    def _processes(self) -> list[psutil.Process]:
-        mine = []
-        for p in psutil.process_iter(["cmdline"]):
-            if any(str(self.tmp) in a for a in p.info["cmdline"] or []):
-                mine += [p, *p.children(recursive=True)]
-        return mine
-
-    def stop(self) -> None:
-        procs = self._processes()
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(procs, timeout=30)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    cluster = RayCluster(tmp_path_factory.mktemp("raycluster"))
+    cluster = LoopbackCluster(tmp_path_factory.mktemp("raycluster"))
     try:
         cluster.start()
         yield cluster
@@ -143,7 +72,7 @@ def _predict_args(packaged, src: Path, out: Path) -> list[str]:
 
 
 def test_a_cohort_on_the_cluster_equals_the_local_engine(
-    ray_cluster: RayCluster, packaged, tmp_path: Path
+    ray_cluster: LoopbackCluster, packaged, tmp_path: Path
 ) -> None:
     """Same labels (byte-equal arrays) and the same table rows; the corrupt case fails on Ray
     with the same reason. Only `seconds` differs, and the uncertainty by float rounding (one
@@ -171,7 +100,7 @@ def test_a_cohort_on_the_cluster_equals_the_local_engine(
 
 
 def test_a_grid_runs_as_ray_tasks_against_a_real_tracking_server(
-    ray_cluster: RayCluster, mlflow_server, synth_data: Path, tmp_path: Path
+    ray_cluster: LoopbackCluster, mlflow_server, synth_data: Path, tmp_path: Path
 ) -> None:
     """2 losses x 2 folds, each trial a Ray task on either node: one parent, 4 children, 4
     registered versions, all on the server."""
@@ -223,7 +152,7 @@ def _worker_actor(raylet: psutil.Process) -> bool:
 
 
 def test_killing_the_worker_node_mid_cohort_still_gives_every_case_once(
-    ray_cluster: RayCluster, packaged, tmp_path: Path
+    ray_cluster: LoopbackCluster, packaged, tmp_path: Path
 ) -> None:
     """The worker node's raylet and every process under it (its pool actor among them) are
     killed once outputs have landed and while the actor works; the job finishes on the head
