@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -20,11 +21,42 @@ from mlflow.tracking import MlflowClient
 
 from clinbundle.cohort.atomic import TEMP_PREFIX
 from clinbundle.cohort.manifest import MANIFEST
+from clinbundle.cohort.model import ModelSpec
+from clinbundle.cohort.ray_engine import plan_pool
 from clinbundle.ray_cluster import LoopbackCluster
+from clinbundle.runtime.errors import ClinbundleError, ConfigError, DeviceError
+from clinbundle.training.ray_grid import TrialResources, trial_gpus
 
 from conftest import TINY
 
-pytestmark = pytest.mark.slow
+
+def test_the_pool_and_trial_resources_follow_the_cluster_and_fail_loudly(monkeypatch) -> None:
+    """Decisions made before any Ray work: GPUs only where asked or present, cuda without a
+    GPU is an error, the pool never outgrows the cases, overrides win."""
+    cpu_cluster, gpu_cluster = {"CPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}
+    spec = ModelSpec(model=None, bundle=Path("b"), device="auto")
+    assert plan_pool(10, spec, cpu_cluster) == (4, 0.5, 0.0)
+    assert plan_pool(3, spec, cpu_cluster) == (3, 0.5, 0.0)
+    assert plan_pool(10, spec, gpu_cluster) == (2, 0.5, 1.0)
+    assert plan_pool(10, replace(spec, device="cpu"), gpu_cluster) == (8, 0.5, 0.0)
+    with pytest.raises(DeviceError, match="no GPU"):
+        plan_pool(10, replace(spec, device="cuda"), cpu_cluster)
+    monkeypatch.setenv("CLINBUNDLE_RAY_ACTORS", "2")
+    monkeypatch.setenv("CLINBUNDLE_RAY_ACTOR_CPUS", "1.5")
+    assert plan_pool(10, spec, cpu_cluster) == (2, 1.5, 0.0)
+    monkeypatch.setenv("CLINBUNDLE_RAY_ACTORS", "two")
+    with pytest.raises(ClinbundleError, match="not a number"):
+        plan_pool(10, spec, cpu_cluster)
+
+    auto = TrialResources()
+    assert trial_gpus(auto, "auto", gpu_cluster) == 1.0
+    assert trial_gpus(auto, "auto", cpu_cluster) == 0.0
+    assert trial_gpus(auto, "cpu", gpu_cluster) == 0.0
+    assert trial_gpus(TrialResources(gpus=0.5), "auto", gpu_cluster) == 0.5
+    with pytest.raises(ConfigError, match="compute.device=cuda"):
+        trial_gpus(auto, "cuda", cpu_cluster)
+    with pytest.raises(ConfigError, match="the cluster has 2"):
+        trial_gpus(TrialResources(gpus=4), "auto", gpu_cluster)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +103,7 @@ def _predict_args(packaged, src: Path, out: Path) -> list[str]:
             str(out), "--workdir", str(wd), "--device", "cpu"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_cohort_on_the_cluster_equals_the_local_engine(
     ray_cluster: LoopbackCluster, packaged, tmp_path: Path
 ) -> None:
@@ -99,6 +132,7 @@ def test_a_cohort_on_the_cluster_equals_the_local_engine(
     assert sorted(json.loads(x)["case_id"] for x in lines) == sorted(b.case_id)
 
 
+@pytest.mark.slow
 def test_a_grid_runs_as_ray_tasks_against_a_real_tracking_server(
     ray_cluster: LoopbackCluster, mlflow_server, synth_data: Path, tmp_path: Path
 ) -> None:
@@ -151,6 +185,7 @@ def _worker_actor(raylet: psutil.Process) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_killing_the_worker_node_mid_cohort_still_gives_every_case_once(
     ray_cluster: LoopbackCluster, packaged, tmp_path: Path
 ) -> None:

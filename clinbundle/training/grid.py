@@ -3,8 +3,8 @@
 `clinbundle train --folds all --set loss.name=dice_ce,cbdice_cldice` trains every combination,
 one after the other. The parent run holds the grid (its keys, the trials, the split file); each
 trial is an ordinary training in a child run that registers its model as today. A trial is a
-function of its config (file + overrides) alone, so a scheduler (e.g. Ray, a later issue) can
-run the same `Trial`s anywhere.
+function of its config (file + overrides) alone, so a scheduler can run the same `Trial`s
+anywhere: `ray_grid` runs each as a Ray task (`--engine ray`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.config import Config, load_config
 from clinbundle.training.data import kfold_split, read_dataset
 from clinbundle.training.losses import LOSSES
-from clinbundle.training.ray_grid import TrialResources
+from clinbundle.training.ray_grid import TrialResources, remote_tracking_uri, run_trials_on_ray
 
 log = logging.getLogger("clinbundle.grid")
 
@@ -165,8 +165,6 @@ def run_grid(
     base, trials, swept = plan(config_path, overrides, folds)
     uri = base.tracking.tracking_uri
     if ray is not None:
-        from clinbundle.training.ray_grid import remote_tracking_uri
-
         uri = remote_tracking_uri(uri)
     uri = configure_tracking(workdir, uri)
     exp = experiment_id(base.tracking.experiment, workdir)
@@ -186,8 +184,6 @@ def run_grid(
             client.log_dict(parent, results, "grid/trials.json")
 
         if ray is not None:
-            from clinbundle.training.ray_grid import run_trials_on_ray
-
             client.set_tag(parent, "engine", "ray")
             results = run_trials_on_ray(
                 workdir,
@@ -199,7 +195,7 @@ def run_grid(
                 resources=ray.resources,
                 on_result=landed,
             )
-            client.log_dict(parent, results, "grid/trials.json")  # in plan order
+            client.log_dict(parent, results, "grid/trials.json")  # again, in plan order
         else:
             for i, trial in enumerate(trials, 1):
                 log.info("grid trial %d/%d: %s", i, len(trials), trial.name)

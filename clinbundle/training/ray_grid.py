@@ -14,9 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clinbundle.ray_cluster import import_ray, ray_session
 from clinbundle.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clinbundle.training.grid import Trial
 
 log = logging.getLogger("clinbundle.grid")
 
@@ -63,7 +67,7 @@ def trial_gpus(resources: TrialResources, device: str, cluster: dict[str, float]
 
 def run_trials_on_ray(
     workdir: Path,
-    trials: list,
+    trials: list[Trial],
     parent_run_id: str,
     *,
     address: str | None,
