@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def ray_session(
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         log.info("Ray: joining the cluster at %s", address)
+        probe(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -72,6 +74,21 @@ def ray_session(
         yield resources
     finally:
         ray.shutdown()
+
+
+def probe(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT that does not answer is one clear error now: `ray.init` itself retries a
+    dead address for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailable(f"--address {address!r}: give the head node as HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnavailable(
+            f"no Ray cluster answers at {address} ({e}); start one (`ray start --head`) or "
+            "drop --address to run on a local Ray"
+        ) from None
 
 
 def _short(resources: dict[str, float]) -> dict[str, float]:
