@@ -23,7 +23,7 @@ from clinbundle.cohort.atomic import TEMP_PREFIX
 from clinbundle.cohort.manifest import MANIFEST
 from clinbundle.cohort.model import ModelSpec
 from clinbundle.cohort.ray_engine import plan_pool
-from clinbundle.ray_cluster import LoopbackCluster
+from clinbundle.ray_cluster import LoopbackCluster, RayUnavailable, probe, ray_session
 from clinbundle.runtime.errors import ClinbundleError, ConfigError, DeviceError
 from clinbundle.training.ray_grid import TrialResources, trial_gpus
 
@@ -57,6 +57,16 @@ def test_the_pool_and_trial_resources_follow_the_cluster_and_fail_loudly(monkeyp
         trial_gpus(auto, "cuda", cpu_cluster)
     with pytest.raises(ConfigError, match="the cluster has 2"):
         trial_gpus(TrialResources(gpus=4), "auto", gpu_cluster)
+
+
+def test_a_cluster_that_does_not_answer_is_one_clear_error() -> None:
+    """`ray.init` would retry a dead address for minutes; the probe says so at once (exit 2)."""
+    with pytest.raises(RayUnavailable, match="no Ray cluster answers at 127.0.0.1:1"):
+        with ray_session("127.0.0.1:1"):
+            pass
+    with pytest.raises(RayUnavailable, match="HOST:PORT"):
+        probe("headnode")
+    assert issubclass(RayUnavailable, ClinbundleError) and RayUnavailable.exit_code == 2
 
 
 @pytest.fixture(scope="module")
