@@ -61,9 +61,9 @@ def test_the_pool_and_trial_resources_follow_the_cluster_and_fail_loudly(monkeyp
 
 def test_a_cluster_that_does_not_answer_is_one_clear_error() -> None:
     """`ray.init` would retry a dead address for minutes; the probe says so at once (exit 2)."""
-    with pytest.raises(RayUnavailable, match="no Ray cluster answers at 127.0.0.1:1"):
-        with ray_session("127.0.0.1:1"):
-            pass
+    dead = pytest.raises(RayUnavailable, match="no Ray cluster answers at 127.0.0.1:1")
+    with dead, ray_session("127.0.0.1:1"):
+        pass
     with pytest.raises(RayUnavailable, match="HOST:PORT"):
         probe("headnode")
     assert issubclass(RayUnavailable, ClinbundleError) and RayUnavailable.exit_code == 2
