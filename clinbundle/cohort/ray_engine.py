@@ -43,7 +43,7 @@ DEFAULT_ACTOR_CPUS = 0.5
 
 def case_to_json(case: Case) -> str:
     """A case as one string column (Arrow has no Path type; JSON keeps it plain data)."""
-    files = [str(f) for f in case.files]
+    files = [str(Path(f).resolve()) for f in case.files]  # a worker's cwd is not ours
     return json.dumps({"case_id": case.case_id, "kind": case.kind, "files": files,
                        "content_hash": case.content_hash})  # fmt: skip
 
@@ -120,7 +120,13 @@ def run_on_ray(
         return
     ray = import_ray()
     output_dir = Path(output_dir).resolve()
-    with ray_session(address) as cluster:
+    bundle = Path(spec.bundle).resolve() if spec.bundle else None
+    spec = replace(spec, bundle=bundle, workdir=Path(spec.workdir).resolve())
+    # a worker of a cluster does not inherit this process's environment: the tracking server
+    # that `--model models:/...` resolves against goes with the job
+    tracking = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {k: os.environ[k] for k in tracking if os.environ.get(k)}
+    with ray_session(address, env=env) as cluster:
         actors, cpus, gpus = plan_pool(len(cases), spec, cluster)
         threads = spec.threads or max(1, math.floor(cpus))
         if spec.threads is None:
@@ -148,7 +154,7 @@ def run_on_ray(
                 log.info("%s: a retried copy of a finished case, dropped", row["case_id"])
                 continue
             seen.add(key)
-            yield row
+            yield row | {"input": wanted[row["case_id"]].input}  # as the driver names it
     remove_stale_temps(output_dir)  # a killed actor's half-written file; its case was redone
     lost = [c.case_id for c in cases if (c.case_id, c.content_hash) not in seen]
     if lost:  # not seen with Ray's retries; the manifest keeps every row that did come back
