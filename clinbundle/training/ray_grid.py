@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,7 +89,9 @@ def run_trials_on_ray(
             num_cpus=resources.cpus, num_gpus=gpus, max_retries=1, name="clinbundle-trial"
         )
         log.info("grid on Ray: %d trial(s), %g CPU(s) each", len(trials), resources.cpus)
-        pending = {task.remote(workdir, t, parent_run_id): i for i, t in enumerate(trials)}
+        # a worker's cwd is not ours: the config file travels as an absolute path
+        here = [replace(t, config_path=t.config_path and t.config_path.resolve()) for t in trials]
+        pending = {task.remote(workdir, t, parent_run_id): i for i, t in enumerate(here)}
         results: dict[int, dict] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
