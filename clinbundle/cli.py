@@ -507,7 +507,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     wd = _workdir(args)
     _check_predict_args(args)
     bundle = Path(args.bundle) if args.bundle else None
-    spec = ModelSpec(args.model, bundle, args.device, wd, args.threads)
+    spec = ModelSpec(args.model, bundle, args.device, wd, args.threads, args.runtime)
     configure_tracking(wd)
     if args.dicomweb:
         try:
@@ -859,8 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser(
         "predict",
         help="batch inference over a folder of NIfTI files / DICOM studies (or a PACS)",
-        description="Runs every case through the model (resumable: a re-run skips done cases "
-        "and redoes failed ones); writes <case>_seg.nii.gz, predictions.parquet/.csv and "
+        description="Runs every case through the model (resumable: a re-run skips done cases, "
+        "redoes runtime failures, keeps input failures); writes <case>_seg.nii.gz, predictions.*, "
         "manifest.jsonl into --output, and logs an MLflow run in experiment batch-inference.",
     )
     src = pd.add_mutually_exclusive_group(required=True)
@@ -883,6 +883,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pd.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+    pd.add_argument(
+        "--runtime",
+        help="with --bundle: one of its shipped runtimes, e.g. onnxruntime (default: "
+        "CLINBUNDLE_RUNTIME, else the one measured fastest at packaging)",
+    )
     common(pd)
     pd.set_defaults(func=cmd_predict)
 

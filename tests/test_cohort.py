@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from clinbundle.runtime.bundle_reader import load_bundle
 from clinbundle.runtime.errors import ClinbundleError, InputError
 
 CORRUPT = "corrupt"
+RUNTIME = "onnxruntime"  # the session bundle's default may be another measured runtime
 
 
 @dataclass
@@ -73,7 +75,7 @@ def first_run(packaged, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     with contextlib.redirect_stdout(stdout):
         rc = _predict(
             "--bundle", packaged.bundle, "--input", src, "--output", out, "--workdir", wd,
-            "--device", "cpu", "--flag-worst", 2,
+            "--device", "cpu", "--runtime", RUNTIME, "--flag-worst", 2,
         )  # fmt: skip
     table = pd.read_parquet(out / "predictions.parquet")
     manifest = (out / MANIFEST).read_bytes()
@@ -95,7 +97,7 @@ def test_a_cohort_gives_five_outputs_and_names_the_corrupt_case(first_run: First
     assert "corrupt.nii.gz: the image data cannot be read" in failed.error.iloc[0]
     assert failed.output.iloc[0] == "" and failed.uncertainty.isna().all()
     assert sorted(_outputs(first_run)) == sorted(done.output)
-    assert set(t.runtime) == {"onnxruntime"}
+    assert set(t.runtime) == {RUNTIME}
     # every done case: a label map on its input's grid, label volumes in mL from its voxel size
     for row in done.itertuples():
         src = Path(row.input)
@@ -125,7 +127,7 @@ def test_an_output_equals_the_bundle_through_segment(first_run: FirstRun) -> Non
     row = first_run.table[first_run.table.status == "done"].iloc[0]
     img = nib.load(row.input)
     image = np.asarray(img.dataobj, dtype=np.float32)[None, None]
-    bundle = load_bundle(first_run.bundle, "cpu")
+    bundle = load_bundle(first_run.bundle, "cpu", runtime=RUNTIME)
     expected = bundle.predict(image, img.affine, "labels")[0]
     got = np.asarray(nib.load(first_run.output / row.output).dataobj)
     np.testing.assert_array_equal(got, expected)
@@ -144,7 +146,7 @@ def test_the_batch_run_is_in_mlflow_and_linked_to_the_version(
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     assert run.info.run_name == f"predict {t.name} v{t.version}"
     assert run.data.tags["model_name"] == t.name and run.data.tags["model_version"] == t.version
-    assert run.data.tags["runtime"] == "onnxruntime" and run.data.tags["engine"] == "local"
+    assert run.data.tags["runtime"] == RUNTIME and run.data.tags["engine"] == "local"
     assert run.data.metrics["cases_done"] == 5 and run.data.metrics["cases_failed"] == 1
     assert run.data.metrics["cases_per_min"] > 0
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -217,7 +219,7 @@ def test_a_second_run_does_nothing_and_a_deleted_output_is_redone(first_run: Fir
     """Runs last in this module: it changes the first run's output folder."""
     args = [
         "--bundle", first_run.bundle, "--input", first_run.input, "--output", first_run.output,
-        "--workdir", first_run.workdir, "--device", "cpu", "--flag-worst", 2,
+        "--workdir", first_run.workdir, "--device", "cpu", "--runtime", RUNTIME, "--flag-worst", 2,
     ]  # fmt: skip
     before = _outputs(first_run)
     assert _predict(*args) == 0
@@ -328,6 +330,7 @@ def test_discover_names_cases_by_stem_and_disambiguates_clashes(tmp_path: Path) 
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, tmp_path / rel)
     (tmp_path / "notes.txt").write_text("not a case")
+    (tmp_path / "endless.nii").symlink_to("/dev/zero")  # hashing it would never end
     cases = discover(tmp_path)
     assert [c.case_id for c in cases] == ["other", "x__scan", "y__scan"]
     assert (
@@ -343,3 +346,30 @@ def test_one_job_per_output_folder(tmp_path: Path) -> None:
     first.__exit__(None, None, None)
     with exclusive(tmp_path):  # released when the first job ends
         pass
+
+
+def test_bad_nifti_cases_fail_with_the_maps_reasons(tmp_path: Path) -> None:
+    """The MAP's checks (runtime/nifti_check, shared): each bad file is a reason, not a crash."""
+    vol, eye = np.ones((8, 8, 8), np.float32), np.diag([0.8, 0.7, 1.5, 1.0])
+    rgb = [("R", "u1"), ("G", "u1"), ("B", "u1")]
+    nan = vol.copy()
+    nan[1, 2, 3] = np.nan
+    singular = eye.copy()
+    singular[:3, 1] = singular[:3, 0]
+    zero = nib.Nifti1Image(vol, eye)
+    zero.header["pixdim"][1:4] = [0.8, 0.0, 1.5]
+    files = {
+        "flat.nii.gz": (nib.Nifti1Image(vol[:, :, :1], eye), "is not a volume"),
+        "image2d.nii.gz": (nib.Nifti1Image(vol[:, :, 0], eye), "expected a 3-D volume"),
+        "nan.nii.gz": (nib.Nifti1Image(nan, eye), "1 voxel(s) are NaN or infinite"),
+        "singular.nii": (nib.Nifti1Image(vol, singular), "the affine is singular"),
+        "zero.nii.gz": (zero, "voxel spacing [0.8, 0.0, 1.5] must be finite and positive"),
+        "rgb.nii": (nib.Nifti1Image(np.zeros((4, 4, 4), rgb), eye), "is not a number"),
+    }
+    for name, (img, _reason) in files.items():
+        nib.save(img, tmp_path / name)
+    for case in discover(tmp_path):
+        name = case.files[0].name
+        with pytest.raises(InputError, match=re.escape(f"{name}: ")) as e:
+            read_case(case)
+        assert files[name][1] in str(e.value), str(e.value)

@@ -110,3 +110,10 @@ def test_metric_definitions_and_statistics_need_no_training_code() -> None:
     ):
         bad = {m for m in _clinbundle_imports(path) if not m.startswith("clinbundle.runtime")}
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_batch_inference_imports_no_training_code() -> None:
+    """`clinbundle predict` (and the Ray actors that run it) open models, never train them."""
+    for path in sorted((REPO / "clinbundle" / "cohort").glob("*.py")):
+        bad = {m for m in _clinbundle_imports(path) if m.startswith("clinbundle.training")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"

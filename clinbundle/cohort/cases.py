@@ -57,7 +57,13 @@ def files_sha256(files: tuple[Path, ...] | list[Path]) -> str:
 
 
 def _walk(folder: Path) -> list[Path]:
-    return sorted(Path(root) / f for root, _dirs, names in os.walk(folder) for f in names)
+    """Regular files only: a device or FIFO under the folder (e.g. a link to /dev/zero) would
+    never finish hashing."""
+    found = sorted(Path(root) / f for root, _dirs, names in os.walk(folder) for f in names)
+    files = [p for p in found if p.is_file()]
+    for p in sorted(set(found) - set(files)):
+        log.warning("%s: left out, not a regular file", p.relative_to(folder))
+    return files
 
 
 def _nifti_ids(files: list[Path], folder: Path) -> dict[Path, str]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from clinbundle.cohort.cases import Case, CaseVolume, files_sha256
+from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import InputError
 
 log = logging.getLogger("clinbundle.cohort")
@@ -35,8 +38,11 @@ def dicom_cases(files: list[Path], root: Path) -> list[Case]:
 
 
 def read_dicom_case(case: Case) -> CaseVolume:
+    """The pacs part reads the study's series into a volume and its affine."""
     raise InputError(f"{case.case_id}: reading DICOM studies is not implemented yet")
 
 
-def write_dicom_seg(case: Case, volume: CaseVolume, labels, contract, path: Path) -> None:
+def write_dicom_seg(
+    case: Case, volume: CaseVolume, labels: np.ndarray, contract: InferenceContract, path: Path
+) -> None:
     raise InputError(f"{case.case_id}: writing DICOM SEG is not implemented yet")

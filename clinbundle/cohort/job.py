@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -174,7 +175,13 @@ def _plan(
     return kept, todo
 
 
-def engine_runner(engine: str):
+#: (cases to run, spec, output_dir, address, opened model, progress bar?) -> rows as they land
+EngineRunner = Callable[
+    [list[Case], ModelSpec, Path, "str | None", CohortModel, bool], Iterator[dict]
+]
+
+
+def engine_runner(engine: str) -> EngineRunner:
     """The engine's runner; fails before any work when the engine is unknown or missing."""
     if engine not in ENGINES:
         raise ClinbundleError(f"unknown engine '{engine}': use {' or '.join(ENGINES)}")
@@ -185,9 +192,15 @@ def engine_runner(engine: str):
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("clinbundle.cohort.ray_engine"):
             raise ClinbundleError("the Ray engine is not installed") from None
+        if e.name and e.name.split(".")[0] == "ray":
+            raise ClinbundleError(
+                f"the Ray engine needs Ray ({e.name} is not installed): pip install 'ray[data]'"
+            ) from None
         raise
 
     def ray(todo, spec, output_dir, address, model, progress):
+        if not todo:  # nothing to run: no cluster to start
+            return
         for row in run_on_ray(todo, spec, output_dir, address):
             append_row(output_dir, row)
             yield row
@@ -195,7 +208,7 @@ def engine_runner(engine: str):
     return ray
 
 
-def _run_local(todo, spec, output_dir, address, model, progress):
+def _run_local(todo, spec, output_dir, address, model, progress) -> Iterator[dict]:
     from tqdm import tqdm
 
     for case in tqdm(todo, desc="cases", unit="case", disable=not progress or None):

@@ -27,6 +27,8 @@ class ModelSpec:
     device: str = "auto"
     workdir: Path = Path("work")
     threads: int | None = None
+    #: a bundle's shipped runtime by name (default: CLINBUNDLE_RUNTIME, else its measured one)
+    runtime: str | None = None
 
 
 @dataclass
@@ -49,13 +51,18 @@ def open_model(spec: ModelSpec) -> CohortModel:
         raise ClinbundleError("give exactly one of --model URI and --bundle DIR")
     if spec.bundle is not None:
         return _open_bundle(spec)
+    if spec.runtime not in (None, "pytorch"):
+        raise ClinbundleError(
+            f"--runtime {spec.runtime} needs a bundle: --model runs in PyTorch (eager); "
+            "package the model (`clinbundle package onnx`) and give --bundle"
+        )
     return _open_registered(spec)
 
 
 def _open_bundle(spec: ModelSpec) -> CohortModel:
     from clinbundle.runtime.bundle_reader import load_bundle
 
-    bundle = load_bundle(Path(spec.bundle), spec.device, spec.threads)
+    bundle = load_bundle(Path(spec.bundle), spec.device, spec.threads, runtime=spec.runtime)
     m = bundle.manifest.get("model", {})
     name, version = str(m.get("name") or bundle.path.name), str(m.get("version") or "")
     log.info("bundle %s (%s v%s) runs on %s", bundle.path, name, version, bundle.runtime_name)
