@@ -123,9 +123,10 @@ def run_on_ray(
     bundle = Path(spec.bundle).resolve() if spec.bundle else None
     spec = replace(spec, bundle=bundle, workdir=Path(spec.workdir).resolve())
     # a worker of a cluster does not inherit this process's environment: the tracking server
-    # that `--model models:/...` resolves against goes with the job
-    tracking = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    env = {k: os.environ[k] for k in tracking if os.environ.get(k)}
+    # that `--model models:/...` resolves against and the runtime choice go with the job (the
+    # manifest's key holds the runtime the driver opened; the actors must open the same)
+    forwarded = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLINBUNDLE_RUNTIME")
+    env = {k: os.environ[k] for k in forwarded if os.environ.get(k)}
     with ray_session(address, env=env) as cluster:
         actors, cpus, gpus = plan_pool(len(cases), spec, cluster)
         threads = spec.threads or max(1, math.floor(cpus))
