@@ -107,9 +107,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _under_torchrun(args.nproc, _strip_nproc(args.argv))
     wd = _workdir(args)
     overrides = list(args.set or []) + (["train.production=true"] if args.production else [])
+    if args.address and args.engine != "ray":
+        raise ClinbundleError("--address is the Ray cluster of --engine ray; add --engine ray")
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
     data = Path(args.data).resolve() if args.data else None
     if args.folds is not None or _is_grid(overrides):
         return _train_grid(args, wd, overrides, data)
+    if args.engine == "ray":
+        raise ClinbundleError("--engine ray runs a grid: add --folds or a --set KEY=a,b sweep")
     if args.resume:
         state = run_training(wd, None, overrides, data_root=data, resume=args.resume)
     else:
@@ -137,8 +143,16 @@ def _train_grid(args: argparse.Namespace, wd: Path, overrides: list[str], data: 
         raise ClinbundleError("a grid (--folds / --set key=a,b) trains without --resume/--nproc")
     if data is not None:
         overrides.insert(0, f"data.root={data}")
+    ray = None
+    if args.engine == "ray":
+        from clinbundle.training.grid import RayGrid
+        from clinbundle.training.ray_grid import TrialResources
+
+        if args.trial_cpus <= 0 or (args.trial_gpus is not None and args.trial_gpus < 0):
+            raise ClinbundleError("--trial-cpus must be > 0 and --trial-gpus >= 0")
+        ray = RayGrid(args.address, TrialResources(args.trial_cpus, args.trial_gpus))
     parent, results = run_grid(
-        wd, Path(args.config) if args.config else None, overrides, args.folds
+        wd, Path(args.config) if args.config else None, overrides, args.folds, ray
     )
     for r in results:
         print(f"trial {r['trial']}: run {r['run_id']} version {r['model_version']}")
@@ -603,6 +617,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on all labelled pairs, no validation split (= --set train.production=true); "
         "the model is `last` and `promote` refuses its version. Example: clinbundle train "
         "--data data/vessels --production --set train.checkpoint_every_epochs=5",
+    )
+    t.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where a grid's trials run: one after the other here (local), or each a Ray task "
+        "(ray; needs an http(s) tracking server). Example: clinbundle train --data data/vessels "
+        "--folds all --engine ray --address 10.0.0.5:6379 --tracking-uri http://10.0.0.5:5000",
+    )
+    t.add_argument("--address", help="Ray cluster (HOST:PORT) for --engine ray; none: local Ray")
+    t.add_argument(
+        "--tracking-uri", help="MLflow tracking server (= --set tracking.tracking_uri=URI)"
+    )
+    t.add_argument(
+        "--trial-cpus", type=float, default=1.0, help="CPUs per trial on Ray (default 1)"
+    )
+    t.add_argument(
+        "--trial-gpus",
+        type=float,
+        help="GPUs per trial on Ray (default: 1 if the cluster has GPUs and the device allows)",
     )
     common(t)
     overrides(t)

@@ -3,8 +3,8 @@
 `clinbundle train --folds all --set loss.name=dice_ce,cbdice_cldice` trains every combination,
 one after the other. The parent run holds the grid (its keys, the trials, the split file); each
 trial is an ordinary training in a child run that registers its model as today. A trial is a
-function of its config (file + overrides) alone, so a scheduler (e.g. Ray, a later issue) can
-run the same `Trial`s anywhere.
+function of its config (file + overrides) alone, so a scheduler can run the same `Trial`s
+anywhere: `ray_grid` runs each as a Ray task (`--engine ray`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from clinbundle.tracking import configure_tracking, experiment_id
 from clinbundle.training.config import Config, load_config
 from clinbundle.training.data import kfold_split, read_dataset
 from clinbundle.training.losses import LOSSES
+from clinbundle.training.ray_grid import TrialResources, remote_tracking_uri, run_trials_on_ray
 
 log = logging.getLogger("clinbundle.grid")
 
@@ -72,6 +73,14 @@ def parse_folds(text: str, folds: int) -> list[int]:
     if bad or len(set(chosen)) != len(chosen):
         raise ConfigError(f"--folds {text}: folds must be distinct and in 0..{folds - 1}")
     return chosen
+
+
+@dataclass(frozen=True)
+class RayGrid:
+    """Run the trials on Ray: a cluster's address (None: a local Ray) and each trial's share."""
+
+    address: str | None = None
+    resources: TrialResources = field(default_factory=TrialResources)
 
 
 @dataclass(frozen=True)
@@ -146,10 +155,18 @@ def run_grid(
     config_path: Path | None,
     overrides: list[str],
     folds: str | None,
+    ray: RayGrid | None = None,
 ) -> tuple[str, list[dict]]:
-    """Every trial of the grid, sequentially, under one parent run; (parent run id, results)."""
+    """Every trial of the grid under one parent run; (parent run id, results).
+
+    Sequentially in this process, or with `ray` each trial a Ray task (`ray_grid`), which needs
+    a remote tracking server: checked before the parent run exists.
+    """
     base, trials, swept = plan(config_path, overrides, folds)
-    configure_tracking(workdir, base.tracking.tracking_uri)
+    uri = base.tracking.tracking_uri
+    if ray is not None:
+        uri = remote_tracking_uri(uri)
+    uri = configure_tracking(workdir, uri)
     exp = experiment_id(base.tracking.experiment, workdir)
     client = MlflowClient()
     name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -160,11 +177,29 @@ def run_grid(
         client.log_dict(parent, split_file(base), "grid/split.json")
         for k, v in swept.items():
             client.log_param(parent, f"grid_{k}", ",".join(v))
-        results = []
-        for i, trial in enumerate(trials, 1):
-            log.info("grid trial %d/%d: %s", i, len(trials), trial.name)
-            results.append(run_trial(workdir, trial, parent))
+        results: list[dict] = []
+
+        def landed(result: dict) -> None:
+            results.append(result)
             client.log_dict(parent, results, "grid/trials.json")
+
+        if ray is not None:
+            client.set_tag(parent, "engine", "ray")
+            results = run_trials_on_ray(
+                workdir,
+                trials,
+                parent,
+                address=ray.address,
+                tracking_uri=uri,
+                device=base.compute.device,
+                resources=ray.resources,
+                on_result=landed,
+            )
+            client.log_dict(parent, results, "grid/trials.json")  # again, in plan order
+        else:
+            for i, trial in enumerate(trials, 1):
+                log.info("grid trial %d/%d: %s", i, len(trials), trial.name)
+                landed(run_trial(workdir, trial, parent))
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
