@@ -316,3 +316,36 @@ def train_until_signal(args: list[str], cwd: Path, env: dict, pattern: str, sig:
     proc.wait(timeout=600)
     reader.join(timeout=30)
     return proc.returncode, "".join(lines), seen.is_set()
+
+
+def earlier_seg(files: list[Path], path: Path) -> None:
+    """An earlier DICOM SEG of a series, as another tool writes one and a PACS sends it along
+    (highdicom); tests/test_dicom.py and tests/test_pacs.py feed it to the apps."""
+    import highdicom as hd
+    from pydicom import dcmread
+    from pydicom.sr.codedict import codes
+
+    sources = [dcmread(f) for f in files]
+    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
+    mask[:, :5, :5] = True
+    description = hd.seg.SegmentDescription(
+        1,
+        "old",
+        codes.SCT.AnatomicalStructure,
+        codes.SCT.AnatomicalStructure,
+        hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="earlier",
+        manufacturer_model_name="earlier",
+        software_versions="1",
+        device_serial_number="1",
+    ).save_as(path)

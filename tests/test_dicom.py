@@ -26,7 +26,6 @@ import pydicom
 import pytest
 import yaml
 from pydicom import dcmread
-from pydicom.sr.codedict import codes
 
 from clinbundle.packaging.dicom_synth import (
     SeriesGeometry,
@@ -39,7 +38,7 @@ from clinbundle.runtime.bundle_reader import load_bundle
 from clinbundle.runtime.contract import CodedConcept
 from clinbundle.training.synth import synthesize_volume
 
-from conftest import REPO
+from conftest import REPO, earlier_seg
 
 VESSEL = CodedConcept(scheme="SCT", value="59820001", meaning="Blood vessel")
 SLOPE, INTERCEPT = 2.0, -1024.0
@@ -150,37 +149,6 @@ def test_ct_rescale_slope_and_intercept_give_hu(volume: np.ndarray, tmp_path: Pa
     assert got.min() == -1000 and np.abs(expected - hu).max() <= SLOPE / 2 + 1e-3
 
 
-def _seg_of(files: list[Path], folder: Path) -> None:
-    """An earlier DICOM SEG of the same study, as a PACS sends it along."""
-    sources = [dcmread(f) for f in files]
-    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
-    mask[:, :5, :5] = True
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                1,
-                "old",
-                codes.SCT.AnatomicalStructure,
-                codes.SCT.AnatomicalStructure,
-                hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-            )
-        ],
-        series_instance_uid=hd.UID(),
-        series_number=50,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="earlier",
-        manufacturer_model_name="earlier",
-        software_versions="1",
-        device_serial_number="1",
-    )
-    folder.mkdir(parents=True)
-    seg.save_as(folder / "seg.dcm")
-
-
 @pytest.mark.slow
 def test_study_with_several_series_gives_a_coded_valid_seg_of_the_chosen_one(
     coded_bundle: Path, volume: np.ndarray, tmp_path: Path
@@ -210,7 +178,8 @@ def test_study_with_several_series_gives_a_coded_valid_seg_of_the_chosen_one(
         SeriesGeometry(spacing=(0.8, 0.7, 3.0)),
         info=recon,
     )
-    _seg_of(files, inp / "seg")
+    (inp / "seg").mkdir(parents=True)
+    earlier_seg(files, inp / "seg" / "seg.dcm")
 
     proc = run_app(coded_bundle, inp, tmp_path / "out")
     log = proc.stdout + proc.stderr

@@ -39,6 +39,8 @@ from clinbundle.packaging.dicom_synth import (
 )
 from clinbundle.runtime.errors import InputError
 
+from conftest import earlier_seg
+
 SLOPE, INTERCEPT = 2.0, -1024.0
 GEOMETRY = oblique(20.0, spacing=(0.8, 0.7, 1.5))
 
@@ -289,37 +291,6 @@ def test_dicomweb_fetch_and_store_against_a_real_orthanc(orthanc: Orthanc, tmp_p
 def seg_instances(client, study: str) -> list[dict]:
     """QIDO-RS: the SEG instances of a study."""
     return client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SEG"})
-
-
-def earlier_seg(files: list[Path], path: Path) -> None:
-    """A SEG of a series, as another tool writes one (highdicom)."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    sources = [dcmread(f) for f in files]
-    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
-    mask[:, :5, :5] = True
-    description = hd.seg.SegmentDescription(
-        1,
-        "old",
-        codes.SCT.AnatomicalStructure,
-        codes.SCT.AnatomicalStructure,
-        hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-    )
-    hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=hd.UID(),
-        series_number=50,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="earlier",
-        manufacturer_model_name="earlier",
-        software_versions="1",
-        device_serial_number="1",
-    ).save_as(path)
 
 
 def vessel_volume(seed: int) -> np.ndarray:
