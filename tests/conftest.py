@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,26 @@ def assert_same_vessels(dice: dict[str, float], tolerance: float = 0.05) -> None
         assert abs(value - dice["stored"]) <= tolerance, f"{variant}: {dice}"
 
 
+def wait_until_it_answers(
+    url: str, proc: subprocess.Popen, log: Path, seconds: float, any_status: bool = False
+) -> None:
+    """Poll `url` until a server started as `proc` answers (2xx; with `any_status` an HTTP error
+    such as 401 counts too); a server that exits or stays silent fails with its log's tail."""
+    for _ in range(int(seconds * 4)):
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer in {seconds:.0f} s")
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts) that a test can
     stop and start again on the same port with the same store, like a restarted server."""
@@ -248,15 +269,8 @@ class MlflowServer:
             stderr=subprocess.STDOUT,
             cwd=self.root,
         )
-        for _ in range(480):  # generous: a shared CI machine may be slow to start it
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError((self.root / "server.log").read_text()) from None
-                time.sleep(0.25)
-        raise RuntimeError("mlflow server did not become healthy in 120 s")
+        # generous: a shared CI machine may be slow to start it
+        wait_until_it_answers(self.url + "/health", self.proc, self.root / "server.log", 120)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -15,9 +15,6 @@ import json
 import logging
 import shutil
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
@@ -39,7 +36,7 @@ from clinbundle.packaging.dicom_synth import (
 )
 from clinbundle.runtime.errors import InputError
 
-from conftest import earlier_seg
+from conftest import earlier_seg, wait_until_it_answers
 
 SLOPE, INTERCEPT = 2.0, -1024.0
 GEOMETRY = oblique(20.0, spacing=(0.8, 0.7, 1.5))
@@ -218,17 +215,8 @@ class Orthanc:
             [self.exe, str(self.root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/system", timeout=2).read()
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (401 with authentication on)
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError((self.root / "orthanc.log").read_text()[-3000:]) from None
-                time.sleep(0.25)
-        raise RuntimeError("Orthanc did not answer in 60 s")
+        system = f"http://127.0.0.1:{self.port}/system"  # 401 with authentication on: it answers
+        wait_until_it_answers(system, self.proc, self.root / "orthanc.log", 60, any_status=True)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
