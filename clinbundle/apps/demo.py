@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from clinbundle.apps import http_io
 from clinbundle.apps.render import VIEW_AXIS, VIEWS, dice_per_label, display_window, render_slice
 from clinbundle.runtime.errors import ClinbundleError, InputError
 
@@ -50,6 +49,8 @@ SAMPLE_SHAPE = (64, 64, 64)
 SAMPLE_SEED = 7
 VERDICTS = ("looks right", "minor issues", "wrong")
 ENDPOINT_FIELD = "file"  # multipart field of the bento service's POST /segment
+#: The page's names of the runtimes (the radio buttons; a review records which one ran).
+PYTORCH, ONNX_BUNDLE, ENDPOINT = "PyTorch", "ONNX bundle", "Bento endpoint"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -84,6 +85,8 @@ def read_volume(
     real finite numbers), so the demo refuses exactly what the service refuses, with this
     demo's voxel limit.
     """
+    from clinbundle.apps import http_io
+
     path = Path(path)
     try:
         array, affine = http_io.read_volume(path, MAX_VOXELS, "what this demo runs")
@@ -243,7 +246,7 @@ def pytorch_runtime(model: Any, device: str = "auto") -> DemoRuntime:
         "when a bundle is built (start the demo with `--bundle` to see a bundle's report).",
     )
     return DemoRuntime(
-        "PyTorch", _labels_from(runtime.run), runtime.description, info, model.contract.labels
+        PYTORCH, _labels_from(runtime.run), runtime.description, info, model.contract.labels
     )
 
 
@@ -267,7 +270,7 @@ def onnx_bundle_runtime(path: Path, device: str = "auto") -> DemoRuntime:
     )
     log.info("ONNX bundle %s runs on %s", path, bundle.runtime.description)
     return DemoRuntime(
-        "ONNX bundle",
+        ONNX_BUNDLE,
         _labels_from(bundle.predict),
         bundle.runtime.description,
         info,
@@ -357,7 +360,7 @@ def endpoint_runtime(url: str, token: str | None = None) -> DemoRuntime:
     )
     contract = meta.get("contract") if isinstance(meta.get("contract"), dict) else {}
     labels = contract.get("labels") or {"0": "background", "1": "foreground"}
-    return DemoRuntime("Bento endpoint", client.segment, description, info, labels)
+    return DemoRuntime(ENDPOINT, client.segment, description, info, labels)
 
 
 # --------------------------------------------------------------------------- reviews
@@ -403,19 +406,75 @@ def record_review(info: ModelInfo, review: dict) -> str:
 # --------------------------------------------------------------------------- the app logic
 
 
+class RuntimeLoader:
+    """The demo's runtimes, opened in a background thread while the page starts.
+
+    Importing PyTorch and MONAI and opening a model are most of the demo's start-up (about 9 s
+    of CPU on 2 cores, against ~4 s for the page itself), so the page is served first and says
+    that the model is opening; every action that needs a runtime waits for it here. They are
+    opened after the page is up, not beside it: both are Python (one GIL), so in parallel each
+    would take as long as both in turn. The keys
+    (the page's radio buttons) are known from the arguments before anything is opened. A
+    failure is kept and raised to whoever waits: `run_demo` then closes the page and exits.
+    """
+
+    def __init__(self, keys: list[str], load: Callable[[], list[DemoRuntime]]) -> None:
+        if not keys:
+            raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
+        self.keys = keys
+        self._load = load
+        self._runtimes: dict[str, DemoRuntime] = {}
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-runtimes", daemon=True)
+        self.seconds: float | None = None
+
+    @classmethod
+    def loaded(cls, runtimes: list[DemoRuntime]) -> RuntimeLoader:
+        loader = cls([r.key for r in runtimes], lambda: runtimes)
+        loader._run()
+        return loader
+
+    def start(self) -> RuntimeLoader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            runtimes = {r.key: r for r in self._load()}
+            if list(runtimes) != self.keys:
+                raise RuntimeError(f"runtimes {list(runtimes)} opened, {self.keys} announced")
+            self._runtimes = runtimes
+        except BaseException as e:  # kept for the waiting thread to raise
+            self._error = e
+        finally:
+            self.seconds = time.perf_counter() - started
+            self._done.set()
+
+    def wait(self) -> dict[str, DemoRuntime]:
+        """The runtimes once opened; the loading error, if there was one."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._runtimes
+
+
 class ReviewerDemo:
     """Samples, runtimes and the actions of the page, independent of Gradio."""
 
     def __init__(
         self,
-        runtimes: list[DemoRuntime],
+        runtimes: list[DemoRuntime] | RuntimeLoader,
         samples: dict[str, tuple[Path, Path]],
         output_dir: Path,
         queue: ReviewQueue | None = None,
     ) -> None:
-        if not runtimes:
-            raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
-        self.runtimes = {r.key: r for r in runtimes}
+        if not isinstance(runtimes, RuntimeLoader):
+            if not runtimes:
+                raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
+            runtimes = RuntimeLoader.loaded(runtimes)
+        self.runtimes = runtimes
         self.samples = samples
         self.queue = queue
         self.output_dir = output_dir
@@ -427,12 +486,12 @@ class ReviewerDemo:
 
     @property
     def default_runtime(self) -> str:
-        return next(iter(self.runtimes))
+        return self.runtimes.keys[0]
 
     def runtime(self, key: str) -> DemoRuntime:
-        if key not in self.runtimes:
-            raise ClinbundleError(f"unknown runtime '{key}'; choose one of {list(self.runtimes)}")
-        return self.runtimes[key]
+        if key not in self.runtimes.keys:
+            raise ClinbundleError(f"unknown runtime '{key}'; choose one of {self.runtimes.keys}")
+        return self.runtimes.wait()[key]
 
     def load_sample(self, name: str) -> Case:
         if name not in self.samples:
@@ -525,8 +584,14 @@ def _run_markdown(case: Case, rt: DemoRuntime) -> str:
 
 
 def build_app(demo: ReviewerDemo):
-    """The page: inputs and views on the left, model card and review on the right."""
-    import gradio as gr
+    """The page: inputs and views on the left, model card and review on the right.
+
+    The side panel is filled when the page loads (`on_runtime` of the default runtime), so the
+    page can be served while the runtimes are still opening (`RuntimeLoader`).
+    """
+    from clinbundle.apps.gradio_import import import_gradio
+
+    gr = import_gradio()
 
     def user_errors(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -619,8 +684,8 @@ def build_app(demo: ReviewerDemo):
         return (
             rt.info.card_markdown(),
             rt.info.parity_markdown,
-            rt.info.model_card,
-            (f"Runtime ready: {rt.description}"),
+            rt.info.model_card or "(none)",
+            f"Runtime ready: {rt.description}",
         )
 
     @user_errors
@@ -643,7 +708,6 @@ def build_app(demo: ReviewerDemo):
             return [index, why, *cleared, "No case loaded.", "", None]
         return [index, queue.markdown(index), *shown]
 
-    first = demo.runtime(demo.default_runtime)
     with gr.Blocks(title="clinbundle reviewer demo") as app:
         case_state = gr.State(None)
         gr.Markdown(
@@ -671,7 +735,7 @@ def build_app(demo: ReviewerDemo):
                     )
                 with gr.Row():
                     runtime = gr.Radio(
-                        choices=list(demo.runtimes),
+                        choices=demo.runtimes.keys,
                         value=demo.default_runtime,
                         label="Runtime",
                         elem_id="runtime",
@@ -706,12 +770,12 @@ def build_app(demo: ReviewerDemo):
                     label="Label volume (NIfTI)", interactive=False, elem_id="download"
                 )
             with gr.Column(scale=2):
-                card = gr.Markdown(first.info.card_markdown(), elem_id="model-card")
-                run_info = gr.Markdown(f"Runtime ready: {first.description}", elem_id="run-info")
+                card = gr.Markdown("Opening the model ...", elem_id="model-card")
+                run_info = gr.Markdown("", elem_id="run-info")
                 with gr.Accordion("Parity report", open=False):
-                    parity = gr.Markdown(first.info.parity_markdown, elem_id="parity")
+                    parity = gr.Markdown("", elem_id="parity")
                 with gr.Accordion("Full model card", open=False):
-                    full_card = gr.Markdown(first.info.model_card or "(none)")
+                    full_card = gr.Markdown("")
                 with gr.Group():
                     gr.Markdown("### Flag this case")
                     verdict = gr.Radio(list(VERDICTS), label="Verdict", elem_id="verdict")
@@ -741,7 +805,9 @@ def build_app(demo: ReviewerDemo):
                 [case_state, *sliders, *display],
                 images,
             )
-        runtime.input(on_runtime, runtime, [card, parity, full_card, run_info])
+        side_panel = [card, parity, full_card, run_info]
+        runtime.input(on_runtime, runtime, side_panel)
+        app.load(lambda: on_runtime(demo.default_runtime), None, side_panel)
         flag_btn.click(on_flag, [case_state, verdict, comment, reviewer], flag_status)
         if demo.queue is not None:
             queued = [queue_index, queue_status, *loaded]
@@ -765,6 +831,12 @@ def _user() -> str:
 # --------------------------------------------------------------------------- command
 
 
+def runtime_keys(model: str | None, bundle: Path | None, endpoint: str | None) -> list[str]:
+    """The runtimes asked for; with none asked for, the registry's champion in PyTorch."""
+    keys = [PYTORCH] if model or not (bundle or endpoint) else []
+    return keys + [ONNX_BUNDLE] * bool(bundle) + [ENDPOINT] * bool(endpoint)
+
+
 def build_runtimes(
     workdir: Path,
     model: str | None,
@@ -774,19 +846,21 @@ def build_runtimes(
     device: str,
     token: str | None = None,
 ) -> list[DemoRuntime]:
-    """The runtimes asked for; with none asked for, the registry's champion in PyTorch."""
+    """The runtimes of `runtime_keys`, opened in that order."""
     from clinbundle.packaging.model_source import resolve_model
 
-    runtimes = []
-    if model or not (bundle or endpoint):
+    def registered() -> DemoRuntime:
         if not model:
             log.info("no --model/--bundle/--endpoint: using models:/%s@champion", name)
         resolved = resolve_model(model, workdir / "cache" / "models", default_name=name)
-        runtimes.append(pytorch_runtime(resolved, device))
-    if bundle:
-        runtimes.append(onnx_bundle_runtime(bundle, device))
-    if endpoint:
-        runtimes.append(endpoint_runtime(endpoint, token))
+        return pytorch_runtime(resolved, device)
+
+    openers = {
+        PYTORCH: registered,
+        ONNX_BUNDLE: lambda: onnx_bundle_runtime(bundle, device),
+        ENDPOINT: lambda: endpoint_runtime(endpoint, token),
+    }
+    runtimes = [openers[key]() for key in runtime_keys(model, bundle, endpoint)]
     log.info("demo runtimes: %s", ", ".join(f"{r.key} [{r.description}]" for r in runtimes))
     return runtimes
 
@@ -814,16 +888,23 @@ def run_demo(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workdir / "cache" / "gradio"))
     configure_tracking(workdir)
-    review_queue, runtimes = None, []
+    review_queue, stored = None, []
     if queue is not None:
         from clinbundle.apps.review_queue import open_queue
 
-        review_queue, stored = open_queue(queue)
-        runtimes.append(stored)
-    if queue is None or model or bundle or endpoint:
-        runtimes += build_runtimes(workdir, model, bundle, endpoint, name, device, token)
+        review_queue, queue_runtime = open_queue(queue)
+        stored.append(queue_runtime)
+    asked = queue is None or bool(model or bundle or endpoint)
+    keys = [r.key for r in stored] + (runtime_keys(model, bundle, endpoint) if asked else [])
+
+    def open_runtimes() -> list[DemoRuntime]:
+        if not asked:
+            return stored
+        return stored + build_runtimes(workdir, model, bundle, endpoint, name, device, token)
+
+    loader = RuntimeLoader(keys, open_runtimes)
     shown = ensure_samples(workdir, samples) if queue is None or samples else {}
-    demo = ReviewerDemo(runtimes, shown, workdir / "demo" / "outputs", review_queue)
+    demo = ReviewerDemo(loader, shown, workdir / "demo" / "outputs", review_queue)
     app = build_app(demo)
     try:
         app.launch(
@@ -839,8 +920,14 @@ def run_demo(
             f"cannot serve the demo on 127.0.0.1:{port} ({e}); try --port"
         ) from None
     url = f"http://127.0.0.1:{port}/"
-    log.info("reviewer demo at %s", url)
+    log.info("reviewer demo at %s; opening the runtimes", url)
     print(f"reviewer demo running at {url} (Ctrl+C stops it)", flush=True)
+    try:
+        loader.start().wait()
+    except BaseException:
+        app.close()
+        raise
+    log.info("demo ready: runtimes %s opened in %.1f s", ", ".join(keys), loader.seconds)
     if block:
         app.block_thread()
     return app
