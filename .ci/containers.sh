@@ -231,6 +231,16 @@ podman image inspect -f '{{json .Config.Healthcheck}}' "$SERVE_IMAGE" | grep -q 
     || { log "serve image has no HEALTHCHECK on /readyz"; exit 1; }
 took
 
+step "ONNX Runtime build and providers of the images"
+# CI builds CPU images (ORT_BUILD=onnxruntime-gpu would hold a CUDA image to the GPU build)
+for image in "$TRAIN_IMAGE" "$SERVE_IMAGE"; do
+    podman run -i --rm --network none --entrypoint /opt/venv/bin/python "$image" - \
+        "${ORT_BUILD:-onnxruntime}" <.ci/ort_build.py >"$E2E/logs/ort-build.log" 2>&1 \
+        || { cat "$E2E/logs/ort-build.log" >&2; log "$image: not the expected ONNX Runtime build"; exit 1; }
+    log "$image: $(tail -n1 "$E2E/logs/ort-build.log")"
+done
+took
+
 step "run the serving image, /segment from the host"
 SPORT=$("$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CONTAINERS+=(cb-serve-$$)

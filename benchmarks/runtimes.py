@@ -6,8 +6,11 @@ the full sliding window of the one inference path: seconds, GFLOP/s, % of the sa
 and peak RSS of each runtime (eager PyTorch, ONNX Runtime, OpenVINO f32 and bf16, AOTInductor),
 plus its max abs difference from eager. The machine may be shared: the JSON records the load
 average, and % of sgemm (sgemm measured between runs) is the figure that means something.
+The allocator setting the runtimes serve with (`clinbundle/runtime/allocator.py`) is applied
+as in any serving process and recorded; `CLINBUNDLE_MALLOC=default` measures glibc's default.
 
     python benchmarks/runtimes.py --shape 128 128 128 --out benchmarks/runtimes.json
+    CLINBUNDLE_MALLOC=default python benchmarks/runtimes.py --out benchmarks/runtimes_glibc_default.json
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from clinbundle.packaging.measure import patch_flops, sgemm_gflops, timed_with_p
 from clinbundle.packaging.onnx_export import export_onnx
 from clinbundle.packaging.runtime_candidates import export_aoti
 from clinbundle.packaging.runtimes import torch_runtime
+from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.aoti_runner import aoti_runtime
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
@@ -118,6 +122,7 @@ def main() -> None:
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads,
+            "allocator": tune_allocator(),
             "load_average_before": os.getloadavg(),
             "note": "shared by other jobs while measured: compare % of sgemm, not seconds",
         },

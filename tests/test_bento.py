@@ -241,6 +241,7 @@ def test_auth_metadata_and_bentoml_endpoints(server: Server, packaged) -> None:
     default = json.loads((packaged.bundle / "manifest.json").read_text())["runtimes"]["default"]
     assert m["runtime"]["name"] == m["runtimes"]["default"] == default, m["runtime"]
     assert m["execution_provider"].startswith(default) and "default" in m["runtime"]["why"]
+    assert m["runtime"]["allocator"].startswith("glibc, large blocks kept in the heap")
     assert {"bentoml", "onnxruntime"} <= set(m["serving_libraries"])
     assert "bentoml_service_request_total" in httpx.get(server.url + "/metrics").text
 

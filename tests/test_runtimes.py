@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +43,7 @@ def test_packaging_measures_candidates_and_defaults_to_the_fastest(packaged):
     assert table["sgemm_gflops"] > 0 and table["gflop_per_volume"] > 0
     fp32 = {n: e["seconds"] for n, e in cands.items() if e["passed"] and e["precision"] == "fp32"}
     assert table["default"] == min(fp32, key=fp32.get)
+    assert table["allocator"].startswith("glibc, large blocks kept in the heap"), table
     files = manifest_of(packaged.bundle)["files"]
     assert "runtimes/model.pt2" in files and cands["pytorch-aoti"]["build"] == build_info()
     card = (packaged.bundle / "README.md").read_text()
@@ -98,6 +101,32 @@ def test_loading_runs_the_default_or_the_override(packaged, monkeypatch, caplog)
             load_bundle(packaged.bundle, "cpu")
     monkeypatch.setenv("CLINBUNDLE_RUNTIME", "tensorrt")
     with pytest.raises(Exception, match="not in this bundle"):
+        load_bundle(packaged.bundle, "cpu")
+
+
+def test_the_window_batch_is_measured_recorded_and_overridable(packaged, monkeypatch, caplog):
+    table = manifest_of(packaged.bundle)["runtimes"]
+    sw = table["sw_batch"]
+    tol = table["candidates"][sw["runtime"]]["tolerances"]["max_abs"]
+    assert sw["runtime"] == table["default"] and {"1", "2", "4", "8"} <= set(sw["seconds"])
+    allowed = {b: s for b, s in sw["seconds"].items() if sw["max_abs_vs_contract_batch"][b] <= tol}
+    assert str(sw["chosen"]) == min(allowed, key=allowed.get), sw
+    assert (
+        f"Sliding-window batch: **{sw['chosen']}**" in (packaged.bundle / "README.md").read_text()
+    )
+    caplog.set_level(logging.INFO, logger="clinbundle.runtime")
+    monkeypatch.delenv("CLINBUNDLE_SW_BATCH_SIZE", raising=False)
+    bundle = load_bundle(packaged.bundle, "cpu")
+    assert bundle.sw_batch_size == sw["chosen"], bundle.runtime.description
+    assert f"sliding-window batch {sw['chosen']} (the fastest measured" in caplog.text
+    sample = np.load(packaged.bundle / "sample" / "input.npy")
+    expected = np.load(packaged.bundle / "sample" / "reference.npy")
+    monkeypatch.setenv("CLINBUNDLE_SW_BATCH_SIZE", "3")
+    forced = load_bundle(packaged.bundle, "cpu")
+    assert forced.sw_batch_size == 3 and "window batch 3" in forced.runtime.description
+    assert np.abs(forced.predict(sample) - expected).max() <= tol
+    monkeypatch.setenv("CLINBUNDLE_SW_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="CLINBUNDLE_SW_BATCH_SIZE='0'"):
         load_bundle(packaged.bundle, "cpu")
 
 
@@ -166,3 +195,61 @@ def test_threads_default_to_physical_cores(monkeypatch, caplog):
     monkeypatch.setenv(THREADS_ENV, "many")
     with pytest.raises(ValueError, match="positive whole number"):
         resolve_threads()
+
+
+#: Allocates and frees 64 MiB five times; prints the setting and the bytes glibc mapped anew.
+ALLOCATIONS = """
+import ctypes, json, sys
+from clinbundle.runtime.allocator import tune_allocator
+
+class Info(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in "arena ordblks smblks hblks hblkhd usmblks "
+                "fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+setting = tune_allocator()
+before, mapped = libc.mallinfo2().hblkhd, []
+for _ in range(5):
+    block = libc.malloc(64 << 20)
+    mapped.append(libc.mallinfo2().hblkhd - before)
+    libc.free(block)
+print(json.dumps({"setting": setting, "mapped": mapped}))
+"""
+
+
+def _allocations(**env: str) -> dict:
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATIONS],
+        env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_allocator_keeps_large_blocks_in_the_heap_unless_told_not_to():
+    # glibc maps a 64 MiB block on its own (mmap) and unmaps it at free: every sliding-window
+    # buffer then costs fresh zeroed pages. Tuned, no block is mapped; the default maps each.
+    tuned = _allocations(CLINBUNDLE_MALLOC="keep")
+    assert tuned["setting"].startswith("glibc, large blocks kept in the heap"), tuned
+    assert tuned["mapped"] == [0] * 5, tuned
+    default = _allocations(CLINBUNDLE_MALLOC="default")
+    assert "CLINBUNDLE_MALLOC=default" in default["setting"]
+    assert all(m >= 64 << 20 for m in default["mapped"]), default
+    theirs = _allocations(GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
+    assert theirs["setting"].startswith("GLIBC_TUNABLES"), theirs
+    bad = subprocess.run(
+        [sys.executable, "-c", ALLOCATIONS],
+        env={**__import__("os").environ, "CLINBUNDLE_MALLOC": "fast"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "CLINBUNDLE_MALLOC='fast'" in bad.stderr

@@ -34,6 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
 from clinbundle.runtime.errors import InputError
 from clinbundle.runtime.geometry import check_affine, spacing_of
@@ -95,7 +96,12 @@ def load_and_warm_up(bundle_path: Path) -> OnnxBundle:
     for _ in range(runs):
         bundle.predict(np.random.default_rng(0).normal(0, 1, shape).astype(np.float32))
     STATE["execution_provider"] = bundle.runtime.description
-    STATE["runtime"] = {"name": bundle.runtime_name, "why": bundle.runtime_reason}
+    STATE["runtime"] = {
+        "name": bundle.runtime_name,
+        "why": bundle.runtime_reason,
+        "sw_batch_size": bundle.sw_batch_size,
+        "allocator": tune_allocator(),
+    }
     STATE["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     log.info(
         "model loaded (device=%s, %s); %d warm-up run(s) in %.2f s",

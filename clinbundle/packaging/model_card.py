@@ -100,6 +100,20 @@ def runtimes_section(manifest: dict) -> str:
             f"{'n/a' if mx is None else f'{mx:.1e}'} | {p.get('flip_fraction', float('nan')):.1e} | "
             f"{dice:.4f} | {verdict} |"
         )
+    return _runtime_table(table, rows) + _sw_batch_line(table.get("sw_batch"))
+
+
+def _sw_batch_line(sw: dict | None) -> str:
+    if not sw:
+        return ""
+    times = ", ".join(f"{b}: {s:.2f} s" for b, s in sw["seconds"].items())
+    return (
+        f"\nSliding-window batch: **{sw['chosen']}** for {sw['runtime']} (measured: {times}; the "
+        f"contract's {sw['contract']}); `CLINBUNDLE_SW_BATCH_SIZE` overrides it.\n"
+    )
+
+
+def _runtime_table(table: dict, rows: list[str]) -> str:
     return f"""Each runtime ran the parity suite; those that passed were timed end to end on a
 {"x".join(map(str, table["volume_shape"]))} volume ({table["gflop_per_volume"]} GFLOP of network work), {table["threads"]} threads,
 interleaved with sgemm ({table["sgemm_gflops"]} GFLOP/s, same run; the packaging machine may

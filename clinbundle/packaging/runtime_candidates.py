@@ -12,12 +12,14 @@ fp32 bundle. A candidate that fails is recorded with its numbers and cannot be s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 
 from clinbundle.packaging.measure import patch_flops, sgemm_gflops, timed_with_peak_rss, windows
 from clinbundle.packaging.parity import ParityReport, Reference, Tolerances, check_parity
+from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.aoti_runner import build_info
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.runners import Runtime
@@ -36,6 +39,8 @@ log = logging.getLogger("clinbundle.runtimes")
 #: bf16 changes ~1e-2 of a probability: it is held to the Dice rule, as fp16 bundles are.
 BF16_TOLERANCES = Tolerances(max_abs=None, max_flip_fraction=None, min_dice=0.995)
 TIMING_ROUNDS = 2
+#: Sliding-window batches tried for the default runtime (and the contract's own).
+SW_BATCH_CHOICES = (1, 2, 4, 8)
 CACHE_ENV = "CLINBUNDLE_CACHE_DIR"
 
 
@@ -48,6 +53,7 @@ class Candidate:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     report: ParityReport | None = None
+    open: Callable[[InferenceContract], Runtime] | None = None  # the same runtime, reopened
 
 
 def aoti_cache_path(network: torch.nn.Module, contract: InferenceContract) -> Path:
@@ -116,7 +122,8 @@ def open_candidates(
             if c.name == AOTI:
                 c.extra["build"] = export_aoti(network, contract, aoti_path)
             table = {"candidates": {c.name: c.extra}}
-            c.runtime = open_named(c.name, folder, table, contract, "cpu", threads)
+            c.open = functools.partial(open_named, c.name, folder, table, device="cpu")
+            c.runtime = c.open(contract, threads=threads)
         except Exception as e:  # a missing compiler or library: recorded, not fatal
             log.warning("runtime candidate %s unavailable: %s", c.name, e)
             c.error = f"{type(e).__name__}: {e}"[:500]
@@ -153,6 +160,48 @@ def time_passers(
             if c.name not in best or seconds < best[c.name]["seconds"]:
                 best[c.name] = {"seconds": seconds, "peak_rss_mb": round(peak / 2**20, 1)}
     return best, sgemm
+
+
+def measure_sw_batch(
+    c: Candidate, contract: InferenceContract, volume: np.ndarray, threads: int
+) -> dict:
+    """The default runtime timed at each sliding-window batch on the representative volume.
+
+    Measured, not assumed: a larger batch feeds wider GEMMs but holds more activations, and
+    where that pays depends on the runtime, the network and the cores. A batch whose output
+    differs from the contract batch's (which passed parity) by more than the runtime's
+    tolerance is not chosen.
+    """
+    base = c.runtime.run(volume, None)
+    limit = c.tolerances.max_abs
+    seconds, diffs = {}, {}
+    for batch in sorted({*SW_BATCH_CHOICES, contract.sw_batch_size}):
+        runtime = c.runtime
+        if batch != contract.sw_batch_size:
+            runtime = c.open(contract.model_copy(update={"sw_batch_size": batch}), threads=threads)
+        diffs[batch] = float(np.abs(runtime.run(volume, None) - base).max())  # also warms up
+        runs = []
+        for _ in range(TIMING_ROUNDS):
+            torch.set_num_threads(threads)
+            runs.append(timed_with_peak_rss(lambda r=runtime: r.run(volume, None))[0])
+        seconds[batch] = min(runs)
+    allowed = [b for b in seconds if limit is None or diffs[b] <= limit]
+    chosen = min(allowed, key=seconds.get)
+    log.info(
+        "sliding-window batch for %s: %d (%s)",
+        c.name,
+        chosen,
+        ", ".join(f"{b}: {s:.2f} s" for b, s in seconds.items()),
+    )
+    return {
+        "runtime": c.name,
+        "chosen": chosen,
+        "contract": contract.sw_batch_size,
+        "chosen_by": "fastest on the representative volume, output within the runtime's "
+        "tolerance of the contract batch's (CLINBUNDLE_SW_BATCH_SIZE overrides at load)",
+        "seconds": {str(b): round(s, 3) for b, s in seconds.items()},
+        "max_abs_vs_contract_batch": {str(b): d for b, d in diffs.items()},
+    }
 
 
 def parity_entry(c: Candidate) -> dict:
@@ -202,14 +251,17 @@ def measure_candidates(
         ", ".join(f"{n} {t['seconds']:.2f} s" for n, t in timings.items()),
         default,
     )
+    chosen = next(c for c in cands if c.name == default)
     return {
         "default": default,
+        "sw_batch": measure_sw_batch(chosen, contract, volume, threads),
         "chosen_by": f"fastest parity-passing {precision} candidate, timed end to end",
         "volume_shape": list(volume.shape),
         "gflop_per_volume": round(gflop, 3),
         "sgemm_gflops": round(rate, 2),
         "sgemm_samples": [round(s, 2) for s in sgemm],
         "threads": threads,
+        "allocator": tune_allocator(),
         "timing_rounds": TIMING_ROUNDS,
         "packaging_machine": build_info(),
         "note": "timed on the packaging machine, which may be shared; % of the same run's "

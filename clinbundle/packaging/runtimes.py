@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import DeviceError
 from clinbundle.runtime.inference import torch_predictor
@@ -19,6 +20,7 @@ def torch_runtime(network: torch.nn.Module, contract: InferenceContract, device:
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA device")
     network = network.to(device).eval()
+    tune_allocator()
     return Runtime(
         volume_runner(torch_predictor(network), contract, device),
         f"pytorch {torch.__version__} eager fp32 on {device}",

@@ -81,7 +81,8 @@ class OnnxBundle:
     """A bundle opened for inference: its contract, manifest and the runtime that runs it.
 
     `signature`: "unsigned", "signed, not checked" or "verified with key sha256:<fingerprint>".
-    `runtime_name` / `runtime_reason`: which shipped runtime runs and why (`runtime_choice`).
+    `runtime_name` / `runtime_reason`: which shipped runtime runs and why (`runtime_choice`),
+    `sw_batch_size` the sliding-window batch it runs with.
     """
 
     path: Path
@@ -91,6 +92,7 @@ class OnnxBundle:
     signature: str = "unsigned"
     runtime_name: str = "onnxruntime"
     runtime_reason: str = ""
+    sw_batch_size: int | None = None
 
     def predict(
         self,
@@ -137,5 +139,6 @@ def load_bundle(
     chosen = choose_runtime(path, manifest, contract, device, threads, runtime)
     log.info("opened %s (%d files checked)", path, len(manifest["files"]))
     return OnnxBundle(
-        path, manifest, contract, chosen.runtime, signature, chosen.name, chosen.reason
+        *(path, manifest, contract, chosen.runtime, signature),
+        *(chosen.name, chosen.reason, chosen.sw_batch_size),
     )

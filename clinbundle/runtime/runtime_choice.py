@@ -8,6 +8,9 @@ Candidates (each a Predictor behind the one sliding-window path):
     openvino        model.onnx, OpenVINO CPU plugin, fp32 inference precision
     openvino-bf16   model.onnx, OpenVINO bf16 (CPUs with bf16 units only; Dice rule)
     pytorch-aoti    runtimes/model.pt2, AOTInductor package (CPU ISA + torch version checked)
+
+The sliding-window batch is the one packaging measured fastest for the default runtime
+(manifest `runtimes.sw_batch`), the contract's for any other, CLINBUNDLE_SW_BATCH_SIZE over both.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import BundleError, ParityError
 from clinbundle.runtime.runners import CUDA_EP, Runtime, onnx_runtime, onnx_session
@@ -25,6 +29,7 @@ from clinbundle.runtime.threads import resolve_threads
 log = logging.getLogger("clinbundle.runtime")
 
 RUNTIME_ENV = "CLINBUNDLE_RUNTIME"
+SW_BATCH_ENV = "CLINBUNDLE_SW_BATCH_SIZE"
 ORT, OPENVINO, OPENVINO_BF16, AOTI = "onnxruntime", "openvino", "openvino-bf16", "pytorch-aoti"
 RUNTIME_NAMES = (ORT, OPENVINO, OPENVINO_BF16, AOTI)
 AOTI_FILE = "runtimes/model.pt2"
@@ -37,6 +42,7 @@ class Chosen:
     name: str
     reason: str
     runtime: Runtime
+    sw_batch_size: int
 
 
 def runtime_table(manifest: dict) -> dict:
@@ -66,6 +72,7 @@ def open_named(
     threads: int,
 ) -> Runtime:
     """Open one shipped runtime (its parity already checked to have passed)."""
+    tune_allocator()
     entry = table["candidates"][name]
     if name == ORT:
         return onnx_runtime(onnx_session(folder / "model.onnx", device, threads), contract)
@@ -162,8 +169,27 @@ def choose_runtime(
     raise BundleError(f"{folder}: none of its parity-passing runtimes can run on this machine")
 
 
+def sw_batch_for(name: str, table: dict, contract: InferenceContract) -> tuple[int, str]:
+    """The sliding-window batch `name` runs with here, and why."""
+    raw = os.environ.get(SW_BATCH_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{SW_BATCH_ENV}={raw!r}: give a positive whole number")
+        return int(raw), f"{SW_BATCH_ENV}"
+    measured = table.get("sw_batch") or {}
+    if measured.get("runtime") == name:
+        return int(measured["chosen"]), "the fastest measured at packaging"
+    return contract.sw_batch_size, "the contract's"
+
+
 def _opened(name, why, folder, table, contract, device, threads) -> Chosen:
+    batch, batch_why = sw_batch_for(name, table, contract)
+    if batch != contract.sw_batch_size:
+        contract = contract.model_copy(update={"sw_batch_size": batch})
     runtime = open_named(name, folder, table, contract, device, threads)
-    runtime.description = f"{name}: {runtime.description}"
-    log.info("runtime %s (%s): %s", name, why, runtime.description)
-    return Chosen(name, why, runtime)
+    runtime.description = f"{name}: {runtime.description}, window batch {batch}"
+    log.info(
+        "runtime %s (%s): %s; sliding-window batch %d (%s)",
+        *(name, why, runtime.description, batch, batch_why),
+    )
+    return Chosen(name, why, runtime, batch)

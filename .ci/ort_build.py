@@ -1,0 +1,26 @@
+"""Run inside an image (stdin to its venv's python): which ONNX Runtime build it has, and its
+execution providers. argv[1] is the distribution the image should have: `onnxruntime` (the CPU
+build, every image CI builds) or `onnxruntime-gpu` (an image for a CUDA host, which must then
+offer the CUDA provider). Both installed at once shadow each other's files: refused.
+"""
+
+import importlib.metadata as md
+import sys
+
+import onnxruntime as ort
+
+want = sys.argv[1]
+dists = []
+for name in ("onnxruntime", "onnxruntime-gpu"):
+    try:
+        dists.append(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+providers = ort.get_available_providers()
+print(f"ONNX Runtime {ort.__version__}: {', '.join(dists)}; providers {providers}")
+if [d.split("==")[0] for d in dists] != [want]:
+    sys.exit(f"expected exactly {want} installed, found {dists}")
+if "CPUExecutionProvider" not in providers:
+    sys.exit("no CPUExecutionProvider")
+if (want == "onnxruntime-gpu") != ("CUDAExecutionProvider" in providers):
+    sys.exit(f"{want} with providers {providers}: the build does not match the image's purpose")
