@@ -413,9 +413,9 @@ class RuntimeLoader:
     of CPU on 2 cores, against ~4 s for the page itself), so the page is served first and says
     that the model is opening; every action that needs a runtime waits for it here. They are
     opened after the page is up, not beside it: both are Python (one GIL), so in parallel each
-    would take as long as both in turn. The keys
-    (the page's radio buttons) are known from the arguments before anything is opened. A
-    failure is kept and raised to whoever waits: `run_demo` then closes the page and exits.
+    would take as long as both in turn. The keys (the page's radio buttons) are known from the
+    arguments before anything is opened. A failure is kept and raised to whoever waits:
+    `run_demo` then closes the page and exits.
     """
 
     def __init__(self, keys: list[str], load: Callable[[], list[DemoRuntime]]) -> None:
@@ -471,9 +471,7 @@ class ReviewerDemo:
         queue: ReviewQueue | None = None,
     ) -> None:
         if not isinstance(runtimes, RuntimeLoader):
-            if not runtimes:
-                raise ClinbundleError("no runtime: give --model, --bundle or --endpoint")
-            runtimes = RuntimeLoader.loaded(runtimes)
+            runtimes = RuntimeLoader.loaded(runtimes)  # refuses an empty list
         self.runtimes = runtimes
         self.samples = samples
         self.queue = queue

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from clinbundle.runtime.runtime_choice import SW_BATCH_ENV
+
 if TYPE_CHECKING:
     from clinbundle.packaging.model_source import ResolvedModel
     from clinbundle.packaging.parity import ParityReport
@@ -109,7 +111,7 @@ def _sw_batch_line(sw: dict | None) -> str:
     times = ", ".join(f"{b}: {s:.2f} s" for b, s in sw["seconds"].items())
     return (
         f"\nSliding-window batch: **{sw['chosen']}** for {sw['runtime']} (measured: {times}; the "
-        f"contract's {sw['contract']}); `CLINBUNDLE_SW_BATCH_SIZE` overrides it.\n"
+        f"contract's {sw['contract']}); `{SW_BATCH_ENV}` overrides it.\n"
     )
 
 

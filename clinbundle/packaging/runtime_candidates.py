@@ -32,7 +32,14 @@ from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.aoti_runner import build_info
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.runners import Runtime
-from clinbundle.runtime.runtime_choice import AOTI, AOTI_FILE, OPENVINO, OPENVINO_BF16, ORT
+from clinbundle.runtime.runtime_choice import (
+    AOTI,
+    AOTI_FILE,
+    OPENVINO,
+    OPENVINO_BF16,
+    ORT,
+    SW_BATCH_ENV,
+)
 
 log = logging.getLogger("clinbundle.runtimes")
 
@@ -53,7 +60,7 @@ class Candidate:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     report: ParityReport | None = None
-    open: Callable[[InferenceContract], Runtime] | None = None  # the same runtime, reopened
+    open: Callable[..., Runtime] | None = None  # (contract, threads=) -> the runtime, reopened
 
 
 def aoti_cache_path(network: torch.nn.Module, contract: InferenceContract) -> Path:
@@ -198,7 +205,7 @@ def measure_sw_batch(
         "chosen": chosen,
         "contract": contract.sw_batch_size,
         "chosen_by": "fastest on the representative volume, output within the runtime's "
-        "tolerance of the contract batch's (CLINBUNDLE_SW_BATCH_SIZE overrides at load)",
+        f"tolerance of the contract batch's ({SW_BATCH_ENV} overrides at load)",
         "seconds": {str(b): round(s, 3) for b, s in seconds.items()},
         "max_abs_vs_contract_batch": {str(b): d for b, d in diffs.items()},
     }

@@ -10,9 +10,8 @@ glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`); ONNX Runtime and Open
 own arenas) within noise.
 
 The price: a process keeps its peak heap after a large request (RSS does not fall back; peak
-3.4 GB instead of 2.4-2.8 GB in that benchmark). A
-serving process will see the next volume, so that is the point; one-off scripts never open a
-runtime through here.
+3.4 GB instead of 2.4-2.8 GB in that benchmark). A serving process will see the next volume, so
+that is the point; a process that opens no runtime (training, most CLI commands) is untouched.
 
 Set in-process with `mallopt` (ctypes, glibc only) when the first runtime opens, because the
 tunables and a preloaded allocator (jemalloc, tcmalloc) are read only at process start, which a
