@@ -530,8 +530,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _rows, summary = predict_dicomweb(args, spec)
     else:
         from clinbundle.cohort.cases import discover
+        from clinbundle.cohort.model import model_modality
 
-        cases = discover(Path(args.input))
+        cases = discover(Path(args.input), model_modality(spec))
         out, flag = Path(args.output), args.flag_worst or 0
         _rows, summary = predict(
             cases, spec, out, args.engine, args.address, flag, retry_failed=args.retry_failed

@@ -122,6 +122,27 @@ def test_a_nested_study_is_one_case_of_its_ct_read_like_its_nifti(
     assert again.content_hash == case.content_hash
 
 
+def test_the_models_modality_picks_the_series_and_refuses_a_study_without_it(
+    tmp_path: Path,
+) -> None:
+    """A CT model (the contract's modality) reads a study's CT series even where an MR series
+    of it has more slices, and refuses an MR-only study with the reason; no modality, any."""
+    volume = ct_volume()
+    mixed_uid, mr_uid = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.8"
+    t1 = SeriesInfo(study_uid=mixed_uid, modality="MR", series_description="T1")
+    write_ct_series(np.concatenate([volume, volume], axis=2), tmp_path / "mixed" / "mr", info=t1)
+    ct = write_ct_series(volume, tmp_path / "mixed" / "ct", info=SeriesInfo(study_uid=mixed_uid))
+    write_ct_series(volume, tmp_path / "mr-only", info=SeriesInfo(mr_uid, modality="MR"))
+    cases = {c.case_id: c for c in dicom_cases(_files(tmp_path), tmp_path, "CT")}
+    assert sorted(cases[mixed_uid].files) == sorted(ct)
+    mixed = read_dicom_case(cases[mixed_uid], "CT")
+    assert {ds.Modality for ds in mixed.source} == {"CT"} and mixed.image.shape == volume.shape
+    with pytest.raises(InputError, match="CT volume.*Modality MR does not match"):
+        read_dicom_case(cases[mr_uid], "CT")
+    [anything] = dicom_cases(_files(tmp_path / "mr-only"), tmp_path / "mr-only")
+    assert read_dicom_case(anything).image.shape == volume.shape
+
+
 def test_same_volume_and_affine_as_the_map_operator(tmp_path: Path) -> None:
     """The MAP's HUSeriesToVolumeOperator, on the SDK's own loaded series, gives what the cohort
     reads: the same float32 values and the same RAS affine."""

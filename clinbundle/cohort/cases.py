@@ -78,9 +78,10 @@ def _nifti_ids(files: list[Path], folder: Path) -> dict[Path, str]:
     return ids
 
 
-def discover(folder: Path) -> list[Case]:
+def discover(folder: Path, modality: str | None = None) -> list[Case]:
     """Every case under `folder`, sorted by case_id: each NIfTI file is one; the other files go
-    to `dicom_cases` (one case per study; files that are not DICOM are logged and left out)."""
+    to `dicom_cases` (one case per study, its series of `modality`, the model's; files that are
+    not DICOM are logged and left out)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"input folder {folder} does not exist or is not a folder")
@@ -92,7 +93,7 @@ def discover(folder: Path) -> list[Case]:
     if others:
         from clinbundle.cohort.dicom_cases import dicom_cases
 
-        cases += dicom_cases(others, folder)
+        cases += dicom_cases(others, folder, modality)
     if not cases:
         raise InputError(
             f"{folder} holds no cases: put NIfTI files (.nii/.nii.gz) or DICOM studies in it"
@@ -106,11 +107,13 @@ def discover(folder: Path) -> list[Case]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def read_case(case: Case, max_voxels: int = MAX_VOXELS) -> CaseVolume:
-    """The case's volume and geometry; InputError with the reason for a bad case."""
+def read_case(case: Case, max_voxels: int = MAX_VOXELS, modality: str | None = None) -> CaseVolume:
+    """The case's volume and geometry; InputError with the reason for a bad case. `modality`
+    (the model's) picks a DICOM study's series of that modality and refuses a study without
+    one; a NIfTI file does not say its modality."""
     if case.kind == "nifti":
         image, affine = read_checked(case.files[0], case.files[0].name, max_voxels)
         return CaseVolume(image, affine)
     from clinbundle.cohort.dicom_cases import read_dicom_case
 
-    return read_dicom_case(case)
+    return read_dicom_case(case, modality)

@@ -237,9 +237,10 @@ def series_affine(sources: list[Dataset]) -> np.ndarray:
     return LPS_TO_RAS @ lps
 
 
-def read_dicom_case(case: Case) -> CaseVolume:
+def read_dicom_case(case: Case, modality: str | None = None) -> CaseVolume:
     """The chosen series of `case` as float32 HU [i, j, k] with its RAS affine; `source` holds
-    its datasets in slice order (for the SEG). InputError for a study that cannot be one."""
+    its datasets in slice order (for the SEG). InputError for a study that cannot be one, or
+    that has no series of `modality` (the model's: a CT model does not segment an MR study)."""
     from pydicom import dcmread
 
     from clinbundle.apps.dicom_seg import sorted_sources
@@ -255,7 +256,7 @@ def read_dicom_case(case: Case) -> CaseVolume:
                 f"{path.name}: unreadable DICOM file ({type(e).__name__}: {e})"
             ) from None
         _add(study, path, ds)
-    series = choose(study)
+    series = choose(study, modality)
     try:
         check_volume_geometry(series)
     except MapInputError as e:

@@ -216,6 +216,7 @@ def predict_dicomweb(args: argparse.Namespace, spec: ModelSpec) -> tuple[list[di
     retrieved is a failed row (not in the manifest: the next run tries it again)."""
     from clinbundle.cohort.batch import predict
     from clinbundle.cohort.dicom_cases import dicom_cases
+    from clinbundle.cohort.model import model_modality
 
     url, out = args.dicomweb, Path(args.output)
     client = make_client(url, args.dicomweb_token)
@@ -224,7 +225,7 @@ def predict_dicomweb(args: argparse.Namespace, spec: ModelSpec) -> tuple[list[di
     with tempfile.TemporaryDirectory(prefix=".dicomweb-", dir=out) as tmp:
         failed = fetch(client, studies, Path(tmp))
         files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-        cases = dicom_cases(files, Path(tmp))
+        cases = dicom_cases(files, Path(tmp), model_modality(spec))
 
         def finish(rows: list[dict]) -> list[dict]:
             store_rows(client, rows, out)

@@ -108,7 +108,7 @@ def predict_case(model: CohortModel, case: Case, output_dir: Path) -> dict:
     """One table row. Never raises for a bad case: the row says "failed" and why."""
     row, t0 = _row(case, model), time.perf_counter()
     try:
-        volume = read_case(case)
+        volume = read_case(case, modality=model.contract.modality)
         row["shape"] = "x".join(map(str, volume.image.shape))
         spacing = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
         row["spacing"] = " x ".join(f"{s:.4g}" for s in spacing)

@@ -76,6 +76,26 @@ def _open_bundle(spec: ModelSpec) -> CohortModel:
     )
 
 
+def model_modality(spec: ModelSpec) -> str | None:
+    """The contract's modality without opening a runtime: it picks each DICOM study's series
+    when the cases are found, before any model is opened (on Ray, once per actor). A bundle's
+    contract.json is read unverified here: opening the bundle checks it, and fails, later."""
+    if spec.bundle is not None:
+        from clinbundle.runtime.bundle_reader import CONTRACT_FILE
+
+        try:
+            text = (Path(spec.bundle) / CONTRACT_FILE).read_text()
+            return InferenceContract.from_json(text).modality
+        except (OSError, ValueError):
+            return None  # opening the bundle says what is wrong with it
+    from clinbundle.packaging.model_source import resolve_model
+    from clinbundle.tracking import configure_tracking
+
+    workdir = Path(spec.workdir).resolve()
+    configure_tracking(workdir)
+    return resolve_model(spec.model, workdir / "cache" / "models").contract.modality
+
+
 def torch_device(device: str) -> str:
     """auto -> cuda when PyTorch sees a GPU, else cpu (logged); cuda without one fails."""
     import torch
