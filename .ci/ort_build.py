@@ -4,6 +4,7 @@ build, every image CI builds) or `onnxruntime-gpu` (an image for a CUDA host, wh
 offer the CUDA provider). Both installed at once shadow each other's files: refused.
 """
 
+import contextlib
 import importlib.metadata as md
 import sys
 
@@ -12,10 +13,8 @@ import onnxruntime as ort
 want = sys.argv[1]
 dists = []
 for name in ("onnxruntime", "onnxruntime-gpu"):
-    try:
+    with contextlib.suppress(md.PackageNotFoundError):
         dists.append(f"{name}=={md.version(name)}")
-    except md.PackageNotFoundError:
-        pass
 providers = ort.get_available_providers()
 print(f"ONNX Runtime {ort.__version__}: {', '.join(dists)}; providers {providers}")
 if [d.split("==")[0] for d in dists] != [want]:
