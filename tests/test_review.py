@@ -277,3 +277,13 @@ def test_a_bad_or_unflagged_correction_adds_nothing(
     err = capsys.readouterr().err
     assert "label values [7] outside 0..1" in err and "!= label shape (20, 20, 20)" in err, err
     assert {p: p.read_bytes() for p in sorted(msd.rglob("*")) if p.is_file()} == state
+
+
+def test_two_add_corrections_on_one_data_folder_at_once_are_refused(tmp_path: Path) -> None:
+    from clinbundle.cohort.atomic import exclusive
+    from clinbundle.runtime.errors import ClinbundleError
+    from clinbundle.training.corrections import CORRECTIONS_LOCK, add_corrections
+
+    refused = pytest.raises(ClinbundleError, match="another `clinbundle data add-corrections`")
+    with exclusive(tmp_path, "held by the first run", CORRECTIONS_LOCK), refused:
+        add_corrections(tmp_path / "predictions.parquet", tmp_path / "labels", tmp_path)

@@ -45,20 +45,24 @@ def remove_stale_temps(folder: Path) -> int:
     return len(stale)
 
 
+#: What a second `predict` on the same output folder is told.
+PREDICT_BUSY = (
+    "another `clinbundle predict` is writing to {folder}; wait for it or use another --output"
+)
+
+
 @contextmanager
-def exclusive(folder: Path) -> Iterator[None]:
-    """One job per output folder: a second one would redo the same cases and interleave the
-    manifest. The lock is the kernel's (flock), so a killed job never leaves it held."""
-    path = Path(folder) / LOCK_FILE
+def exclusive(folder: Path, busy: str = PREDICT_BUSY, lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """One job per folder: a second `predict` would redo the same cases and interleave the
+    manifest, a second `add-corrections` would lose one dataset.json. The lock is the kernel's
+    (flock), so a killed job never leaves it held; `busy` (with {folder}) is the refusal."""
+    path = Path(folder) / lock_file
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ClinbundleError(
-                f"another `clinbundle predict` is writing to {folder}; wait for it or use "
-                "another --output"
-            ) from None
+            raise ClinbundleError(busy.format(folder=folder)) from None
         yield
     finally:
         os.close(fd)

@@ -36,6 +36,8 @@ from clinbundle.training.data import Dataset, read_dataset, validate_dataset
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+CORRECTIONS_LOCK = ".add-corrections.lock"
+
 
 @dataclass
 class Correction:
@@ -167,7 +169,19 @@ def _commit(todo: list[Correction], stage: Path, root: Path) -> None:
 
 
 def add_corrections(table: Path, labels_dir: Path, data_root: Path) -> CorrectionReport:
-    """Validate every correction, then add them all (or, with any problem, none)."""
+    """Validate every correction, then add them all (or, with any problem, none); one run per
+    data folder at a time (a second one is refused: each rewrites dataset.json)."""
+    from clinbundle.cohort.atomic import exclusive
+
+    root = Path(data_root)
+    if not root.is_dir():  # no folder to lock: reading it says what is wrong
+        return _add_corrections(table, labels_dir, root)
+    busy = "another `clinbundle data add-corrections` is adding to {folder}; wait for it"
+    with exclusive(root, busy, CORRECTIONS_LOCK):
+        return _add_corrections(table, labels_dir, data_root)
+
+
+def _add_corrections(table: Path, labels_dir: Path, data_root: Path) -> CorrectionReport:
     flagged = {c.case_id: c for c in read_flagged(table)}
     ds = read_dataset(data_root)
     problems: list[str] = []
