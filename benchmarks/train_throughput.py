@@ -7,7 +7,8 @@ quickstart's synthetic data and reports, as JSON:
     FlopCounterMode), next to the sgemm GFLOP/s of the same process, and their ratio, so the
     number says how close to the hardware's limit training runs.
 
-    python benchmarks/train_throughput.py --epochs 3 --out train_throughput.json
+    python benchmarks/train_throughput.py --epochs 3 --out benchmarks/train_throughput.json
+    CLINBUNDLE_MALLOC=default python benchmarks/train_throughput.py --out ...   # glibc's default
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main() -> None:
         "sgemm_gflops": sgemm,
         "fraction_of_sgemm": achieved / sgemm,
         "device": str(state.compute.device),
+        "allocator": state.compute.decisions["allocator"].value,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

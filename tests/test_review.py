@@ -282,8 +282,9 @@ def test_a_bad_or_unflagged_correction_adds_nothing(
 def test_two_add_corrections_on_one_data_folder_at_once_are_refused(tmp_path: Path) -> None:
     from clinbundle.cohort.atomic import exclusive
     from clinbundle.runtime.errors import ClinbundleError
-    from clinbundle.training.corrections import CORRECTIONS_LOCK, add_corrections
+    from clinbundle.training.corrections import DATASET_JSON, add_corrections
 
+    (tmp_path / DATASET_JSON).write_text("{}")
     refused = pytest.raises(ClinbundleError, match="another `clinbundle data add-corrections`")
-    with exclusive(tmp_path, "held by the first run", CORRECTIONS_LOCK), refused:
+    with exclusive(tmp_path, "held by the first run", DATASET_JSON), refused:
         add_corrections(tmp_path / "predictions.parquet", tmp_path / "labels", tmp_path)

@@ -57,7 +57,7 @@ def exclusive(folder: Path, busy: str = PREDICT_BUSY, lock_file: str = LOCK_FILE
     manifest, a second `add-corrections` would lose one dataset.json. The lock is the kernel's
     (flock), so a killed job never leaves it held; `busy` (with {folder}) is the refusal."""
     path = Path(folder) / lock_file
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -36,7 +36,7 @@ from clinbundle.training.data import Dataset, read_dataset, validate_dataset
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
-CORRECTIONS_LOCK = ".add-corrections.lock"
+DATASET_JSON = "dataset.json"
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _commit(todo: list[Correction], stage: Path, root: Path) -> None:
         for sub, name in (("imagesTr", c.image_name), ("labelsTr", c.label_name)):
             (root / sub).mkdir(exist_ok=True)
             (stage / sub / name).replace(root / sub / name)
-    meta_path = root / "dataset.json"
+    meta_path = root / DATASET_JSON
     meta = json.loads(meta_path.read_text())
     names = {c.image_name for c in todo}
     kept = [e for e in meta["training"] if Path(str(e.get("image", ""))).name not in names]
@@ -173,11 +173,12 @@ def add_corrections(table: Path, labels_dir: Path, data_root: Path) -> Correctio
     data folder at a time (a second one is refused: each rewrites dataset.json)."""
     from clinbundle.cohort.atomic import exclusive
 
-    root = Path(data_root)
-    if not root.is_dir():  # no folder to lock: reading it says what is wrong
-        return _add_corrections(table, labels_dir, root)
+    meta = Path(data_root) / DATASET_JSON
+    if not meta.is_file():  # nothing to lock: reading the folder says what is wrong
+        return _add_corrections(table, labels_dir, Path(data_root))
     busy = "another `clinbundle data add-corrections` is adding to {folder}; wait for it"
-    with exclusive(root, busy, CORRECTIONS_LOCK):
+    # the lock is dataset.json's own: no new file in the user's folder, even on a refusal
+    with exclusive(meta.parent, busy, DATASET_JSON):
         return _add_corrections(table, labels_dir, data_root)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from clinbundle.runtime.allocator import MALLOC_ENV, tune_allocator
 from clinbundle.runtime.contract import Geometry, InferenceContract, Normalization
 from clinbundle.runtime.errors import ConfigError, DataError, Preempted, ResumeError
 from clinbundle.runtime.geometry import spacing_of
@@ -227,6 +229,11 @@ def train(
         list(geo.spacing) if geo.spacing else "native", cfg.data.target_spacing == "auto", geo_why
     )
     log.info("data.target_spacing = %s (%s)", comp.decisions["target_spacing"].value, geo_why)
+    comp.decisions["allocator"] = Decision(
+        tune_allocator(),
+        MALLOC_ENV not in os.environ,
+        "each step frees and allocates the same large buffers (runtime/allocator.py)",
+    )
     if any(p % divisor for p in comp.patch_size):
         raise ConfigError(
             f"patch size {list(comp.patch_size)} must be a multiple of {divisor} for "
