@@ -45,7 +45,8 @@ def main() -> int:
     )
     champion_s, lines = None, []
     for line in proc.stdout or []:
-        lines.append(line.rstrip())
+        # the recorded output names the work dir WORKDIR: no path of the measuring machine
+        lines.append(line.rstrip().replace(str(work), "WORKDIR"))
         if champion_s is None and line.startswith("held-out Dice"):
             champion_s = time.perf_counter() - t0
     total = time.perf_counter() - t0

@@ -88,12 +88,19 @@ def model_modality(spec: ModelSpec) -> str | None:
             return InferenceContract.from_json(text).modality
         except (OSError, ValueError):
             return None  # opening the bundle says what is wrong with it
-    from clinbundle.packaging.model_source import resolve_model
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from clinbundle.packaging.model_source import canonical_uri
     from clinbundle.tracking import configure_tracking
 
-    workdir = Path(spec.workdir).resolve()
-    configure_tracking(workdir)
-    return resolve_model(spec.model, workdir / "cache" / "models").contract.modality
+    configure_tracking(Path(spec.workdir).resolve())
+    try:  # the MLmodel file only: the weights are downloaded once, where the model opens
+        meta = get_model_info(canonical_uri(spec.model)).metadata or {}
+    except MlflowException:
+        return None  # opening the model says what is wrong with it
+    contract = meta.get("inference_contract")
+    return InferenceContract.model_validate(contract).modality if contract else None
 
 
 def torch_device(device: str) -> str:
