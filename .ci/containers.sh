@@ -32,7 +32,10 @@ MLFLOW_PID=
 TIMES=()
 T_ALL=$SECONDS
 
-step() { STEP=$1; T0=$SECONDS; log "=== $1"; }
+step() { STEP=$1; T0=$SECONDS; log "=== $1 (disk free: $(df -h --output=avail "$CB_WORK" 2>/dev/null | tail -n1 | tr -d ' '))"; }
+# CB_PRUNE_STAGES=1 (CI: a fresh clone): the stage images the train and serve builds share
+# (their builder stages) are removed once both are built, before the MAP's
+prune_stages() { [ "${CB_PRUNE_STAGES:-0}" = 1 ] && podman image prune -f >/dev/null; true; }
 took() { TIMES+=("$(printf '%-50s %4d s' "$STEP" $((SECONDS - T0)))"); }
 banner() { log "################################################################"; log "$*"; log "################################################################"; }
 
@@ -225,6 +228,7 @@ step "build Dockerfile.serve from the .bento"
     >"$E2E/logs/build-serve.log" 2>&1 \
     || { tail -n 40 "$E2E/logs/build-serve.log" >&2; log "building Dockerfile.serve failed"; exit 1; }
 grep -E 'pinned packages' "$E2E/logs/build-serve.log" | sed 's/^/  build: /' >&2 || true
+prune_stages
 [ "$(podman image inspect -f '{{.Config.User}} {{json .Config.ExposedPorts}}' "$SERVE_IMAGE")" \
     = '10001:10001 {"3000/tcp":{}}' ] || { log "serve image: wrong USER or EXPOSE"; exit 1; }
 podman image inspect -f '{{json .Config.Healthcheck}}' "$SERVE_IMAGE" | grep -q readyz \
@@ -275,7 +279,7 @@ podman rm -f -t 10 "cb-serve-$$" >/dev/null
 step "package map on the host + build the MAP image"
 export MLFLOW_TRACKING_URI=$URL
 "$BIN/clinbundle" package map --workdir "$E2E/host" --name "$MODEL" --out "$E2E/map" \
-    --validation-volumes 1 >"$E2E/logs/package-map.log" 2>&1 \
+    --onnx-bundle "$BUNDLE" --validation-volumes 1 >"$E2E/logs/package-map.log" 2>&1 \
     || { tail -n 40 "$E2E/logs/package-map.log" >&2; exit 1; }
 unset MLFLOW_TRACKING_URI
 # wheels go into a copy of the context (its wheels/ is mounted into the build, never copied
@@ -310,7 +314,7 @@ podman rm "cb-map-$$" >/dev/null
     "$E2E/map-in/$(basename "$VOLUME")" >&2
 took
 
-# no `podman image prune`: the untagged stage images are the build cache of the next run
+# without CB_PRUNE_STAGES the untagged stage images stay: the build cache of the next run
 log "image sizes:"
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'clinbundle-(train|serve|map|cpu-base)' | sed 's/^/  /' >&2
 log "timings:"

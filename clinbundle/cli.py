@@ -426,6 +426,7 @@ def cmd_package_map(args: argparse.Namespace) -> int:
         force=args.force,
         sign_key=_sign_key(args),
         runtimes=_runtime_options(args),
+        onnx_bundle=Path(args.onnx_bundle) if args.onnx_bundle else None,
     )
     print(f"parity: {report.summary()}")
     print(out.resolve())
@@ -828,6 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pm = formats.add_parser("map", help="MONAI Deploy MAP build context (DICOM/NIfTI app), parity")
     pm.add_argument("--out", required=True, help="build context folder to create")
+    pm.add_argument(
+        "--onnx-bundle",
+        help="nest this ONNX bundle of the same model version (made with the same tolerances, "
+        "parity passed; checked, exit 2 otherwise) instead of making a new one",
+    )
     model_args(pm)
     pm.set_defaults(func=cmd_package_map)
 
@@ -951,9 +957,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_path(args: argparse.Namespace) -> tuple[str, ...]:
-    """The sub-command names given, e.g. ("package", "bento")."""
+    """The sub-command names given, e.g. ("package", "bento"); ("quickstart", "--package")."""
     names = (args.command, *(getattr(args, k, None) for k in ("data_cmd", "format", "keys_cmd")))
-    return tuple(n for n in names if n)
+    flags = ("--package",) if args.command == "quickstart" and getattr(args, "package", 0) else ()
+    return (*(n for n in names if n), *flags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,8 @@ NEEDS = {
     ("package", "monai-bundle"): ("bundle",),
     ("run-map",): ("map",),
     ("demo",): ("demo",),
+    # every format: checked before training, not after the ONNX bundle (minutes in)
+    ("quickstart", "--package"): ("serve", "map", "bundle"),
 }
 
 

@@ -59,6 +59,8 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     # measuring every runtime candidate costs ~1 min per packaging on 2 cores: only the
     # session's `packaged` bundle and the tests that are about runtimes ask for it
     os.environ.setdefault("CLINBUNDLE_PACKAGE_RUNTIMES", "onnxruntime")
+    # the AOTInductor compiles' cache (hundreds of MB) goes with the session's temp folders
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
     strays = [Path.cwd() / "mlruns", Path.cwd() / "mlflow.db", REPO / "mlruns", REPO / "mlflow.db"]
     before = {p for p in strays if p.exists()}
     yield

@@ -33,6 +33,7 @@ def test_version_names_clinbundle_and_its_libraries(capsys: pytest.CaptureFixtur
         (["serve", "x.bento"], "bentoml", "serve"),
         (["run-map", "map", "-i", "in", "-o", "out"], "holoscan_cli", "map"),
         (["demo", "--bundle", "b"], "gradio", "demo"),
+        (["quickstart", "--package"], "holoscan_cli", "map"),  # before training starts
     ],
 )
 def test_a_missing_extra_is_named_with_exit_2_before_any_work(

@@ -134,7 +134,8 @@ def test_ensemble_packages_to_onnx_bento_and_map_with_parity(
         == 0
     )
     assert "parity over HTTP: " in capsys.readouterr().out
-    assert main(["package", "map", "--out", str(tmp_path / "map"), *common]) == 0
+    nest = ["--onnx-bundle", str(onnx)]  # the ensemble's bundle just checked, not a second one
+    assert main(["package", "map", "--out", str(tmp_path / "map"), *nest, *common]) == 0
     map_manifest = json.loads((tmp_path / "map" / "manifest.json").read_text())
     assert map_manifest["parity"]["passed"], map_manifest["parity"]
 

@@ -46,8 +46,8 @@ pytestmark = pytest.mark.slow
 def map_dir(packaged, tmp_path_factory: pytest.TempPathFactory) -> Path:
     t = packaged.trained
     out = tmp_path_factory.mktemp("map") / "ctx"
-    rc = package_champion(t, "map", out, "--runtimes", "all", "--bench-shape", "48", "48", "48")
-    assert rc == 0
+    # nests the session's ONNX bundle (every runtime measured), as `quickstart --package` does
+    assert package_champion(t, "map", out, "--onnx-bundle", str(packaged.bundle)) == 0
     return out
 
 
@@ -144,6 +144,35 @@ def test_build_context_follows_the_map_layout(map_dir: Path, packaged) -> None:
         packaged.model.name, packaged.model.version
     )
     assert mv.tags["parity_map"].startswith("pass")
+
+
+def test_the_nested_onnx_bundle_is_the_one_given_and_a_wrong_one_is_refused(
+    map_dir: Path, packaged, tmp_path: Path, capsys
+) -> None:
+    """`--onnx-bundle` nests that very bundle; a changed file or another version: exit 2, no MAP."""
+    nested = map_dir / "models" / packaged.model.name
+    given = read_manifest(packaged.bundle)
+    assert read_manifest(nested)["files"] == given["files"]
+    assert check_hashes(nested, given) == []
+
+    changed = tmp_path / "changed"
+    shutil.copytree(packaged.bundle, changed)
+    with open(changed / "model.onnx", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    other = tmp_path / "other"
+    shutil.copytree(packaged.bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["version"] = str(int(manifest["model"]["version"]) + 1)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    for bundle, why in ((changed, "model.onnx: sha256"), (other, "made from version")):
+        out = tmp_path / f"map-{bundle.name}"
+        capsys.readouterr()
+        rc = package_champion(packaged.trained, "map", out, "--onnx-bundle", str(bundle))
+        assert rc == 2 and why in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(f".{out.name}*"))
 
 
 def test_verify_checks_the_whole_context_then_its_onnx_bundle(

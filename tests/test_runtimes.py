@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -50,6 +51,30 @@ def test_packaging_measures_candidates_and_defaults_to_the_fastest(packaged):
     assert "## Runtimes" in card and f"| {table['default']} (default) |" in card
     for name in SHIPPED:
         assert f"| {name}" in card
+
+
+def test_loading_the_compiled_package_builds_no_compiler_probe(packaged, tmp_path):
+    """torch's loader would compile ISA test programs (~18 s, files in the Inductor cache) to
+    log a mismatch that `check_build` already refuses: a fresh cache stays empty, and the
+    loaded package still runs a window (its parity is the bundle's runtime table's)."""
+    cache = tmp_path / "inductor"
+    code = (
+        "import sys, torch; from pathlib import Path\n"
+        "from clinbundle.runtime.aoti_runner import load_package\n"
+        "model = load_package(Path(sys.argv[1]))\n"
+        "x = torch.zeros(1, 1, *map(int, sys.argv[2:]))\n"
+        "print(tuple(model(x).shape))\n"
+    )
+    roi = [str(r) for r in packaged.model.contract.roi_size]
+    pt2 = str(packaged.bundle / "runtimes" / "model.pt2")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, pt2, *roi], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    classes = packaged.model.contract.num_classes
+    assert proc.stdout.strip() == str((1, classes, *map(int, roi)))
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))[:5]
 
 
 def test_openvino_keeps_the_staged_norm_means_and_passes_on_padded_cases(packaged):

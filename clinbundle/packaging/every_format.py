@@ -2,8 +2,15 @@
 reference (computed once), and the one command that serves or runs each.
 
     champion -> PyTorch reference on the parity suite (once)
-    -> ONNX bundle -> bento (HTTP parity) -> MAP build context (app parity) -> MONAI bundle
-       (`monai.bundle run` parity)                       (a breach stops here, exit 3)
+    -> ONNX bundle -> MONAI bundle (`monai.bundle run` parity)
+    -> bento (HTTP parity) beside the MAP build context (app parity, nesting that ONNX bundle)
+                                                          (a breach stops here, exit 3)
+
+Bento and MAP run in two threads: each is mostly one single-threaded process start-up
+(`bentoml serve`; holoscan and MONAI imports in the MAP app), so one of the two cores idled.
+The MONAI bundle is made before them, not beside: MONAI's `ComponentLocator` iterates
+`sys.modules`, which the other threads' imports change ("dictionary changed size during
+iteration").
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from clinbundle.packaging.model_source import ResolvedModel
 
 log = logging.getLogger("clinbundle.every_format")
+ORDER = ("ONNX bundle", "MONAI bundle", "bento", "MAP")  # as made, and as quickstart lists them
 
 
 @dataclass
@@ -40,9 +49,10 @@ def shown(path: Path) -> str:
 
 
 def package_every_format(model: ResolvedModel, workdir: Path) -> list[Shipped]:
-    """ONNX bundle, bento, MAP build context and MONAI bundle of `model` under `workdir`,
-    replacing earlier ones; ParityError (that format not written, later ones not tried) on a
-    breach. The device is the CPU, as for the reference."""
+    """ONNX bundle, MONAI bundle, bento and MAP build context of `model` under `workdir`,
+    replacing earlier ones; ParityError (that format not written, later ones not tried; of bento
+    and MAP, the other is still finished) on a breach. The device is the CPU, as for the
+    reference."""
     from clinbundle.packaging.bento import build_bento
     from clinbundle.packaging.map_bundle import build_map
     from clinbundle.packaging.monai_bundle import build_monai_bundle
@@ -67,15 +77,6 @@ def package_every_format(model: ResolvedModel, workdir: Path) -> list[Shipped]:
     done("ONNX bundle", onnx, report, t, f"clinbundle verify {shown(onnx)}")
 
     t = time.perf_counter()
-    bento = workdir / "bento"
-    archive, report = build_bento(model, onnx, bento, force=True, reference=reference)
-    done("bento", archive, report, t, f"clinbundle serve {shown(bento)} --workdir {wd} --port 3000")
-
-    t = time.perf_counter()
-    map_dir, report = build_map(model, workdir / "map", "cpu", force=True, reference=reference)
-    done("MAP", map_dir, report, t, f"clinbundle run-map {shown(map_dir)} -i scans -o results")
-
-    t = time.perf_counter()
     mb = workdir / "bundles" / f"{name}-monai"
     _, report = build_monai_bundle(model, mb, force=True, reference=reference)
     configs = os.path.join(shown(mb), "configs", "inference.json")
@@ -87,7 +88,27 @@ def package_every_format(model: ResolvedModel, workdir: Path) -> list[Shipped]:
         f"python -m monai.bundle run --config_file {configs} --bundle_root {shown(mb)} "
         "--dataset_dir scans --output_dir results",
     )
-    return shipped
+
+    def bento() -> None:
+        t = time.perf_counter()
+        out = workdir / "bento"
+        archive, report = build_bento(model, onnx, out, force=True, reference=reference)
+        done(
+            "bento", archive, report, t, f"clinbundle serve {shown(out)} --workdir {wd} --port 3000"
+        )
+
+    def map_context() -> None:
+        t = time.perf_counter()
+        map_dir, report = build_map(
+            model, workdir / "map", "cpu", force=True, reference=reference, onnx_bundle=onnx
+        )
+        done("MAP", map_dir, report, t, f"clinbundle run-map {shown(map_dir)} -i scans -o results")
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="package") as pool:
+        pending = [pool.submit(bento), pool.submit(map_context)]
+    for future in pending:  # both ran to their end: one failing leaves the other written
+        future.result()
+    return sorted(shipped, key=lambda s: ORDER.index(s.format))
 
 
 def describe(shipped: list[Shipped]) -> str:

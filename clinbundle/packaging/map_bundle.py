@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -63,8 +64,8 @@ from clinbundle.packaging.parity import (
 )
 from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
 from clinbundle.packaging.signing import sign_bundle
+from clinbundle.runtime.bundle_reader import check_hashes, read_manifest
 from clinbundle.runtime.errors import BundleError, ParityError
-from clinbundle.runtime.quiet_monai import raise_stack_limit
 from clinbundle.runtime.runners import Runtime
 from clinbundle.vendoring import vendor_runtime
 
@@ -237,8 +238,9 @@ def run_map(
 ) -> subprocess.CompletedProcess:
     """Run the MAP's app as the MAP runtime does: `python app -i IN -o OUT -m models`.
 
-    HOLOSCAN_CONFIG_PATH points at the context's app.yaml, the stack limit is raised to what
-    holoscan wants, and `offline` runs it in a fresh network namespace (`unshare --net`, needs
+    HOLOSCAN_CONFIG_PATH points at the context's app.yaml (the app raises its own stack limit to
+    what holoscan wants: no `preexec_fn`, which is not safe beside the threads of
+    `package_every_format`), and `offline` runs it in a fresh network namespace (`unshare --net`, needs
     root or user namespaces) to prove it needs no network. `via_env` passes the folders as
     HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH instead, as a MAP runtime
     does inside the container.
@@ -267,7 +269,6 @@ def run_map(
             capture_output=True,
             text=True,
             timeout=timeout,
-            preexec_fn=raise_stack_limit,
             check=False,
         )
 
@@ -359,6 +360,62 @@ def map_parity(
     return report
 
 
+def reuse_onnx_bundle(bundle: Path, model: ResolvedModel, tolerances: Tolerances) -> None:
+    """Check that `bundle` is an ONNX bundle of this very model that passed this parity gate.
+
+    `quickstart --package` and CI build the ONNX bundle first; nesting that one (instead of
+    building and checking a second, identical one, ~1.5 minutes on 2 cores) is only sound when
+    its files are the ones its manifest lists and the manifest names the same run, version and
+    tolerances and a passed parity. Anything else is refused (BundleError), before any writing.
+    """
+    manifest = read_manifest(Path(bundle))
+    wrong = [f"format is {manifest.get('format')!r}, not 'onnx'"] * (
+        manifest.get("format") != "onnx"
+    )
+    wrong += check_hashes(Path(bundle), manifest)
+    made_from = manifest.get("model", {})
+    for key, want in (("run_id", model.run_id), ("version", model.version)):
+        if str(made_from.get(key)) != str(want):
+            wrong.append(f"made from {key} {made_from.get(key)}, not this model's {want}")
+    parity = manifest.get("parity", {})
+    if parity.get("tolerances") != asdict(tolerances):
+        wrong.append(
+            f"checked with tolerances {parity.get('tolerances')}, not {asdict(tolerances)}"
+        )
+    if parity.get("passed") is not True:
+        wrong.append("its parity check did not pass")
+    if wrong:
+        raise BundleError(f"{bundle} cannot be nested in this MAP: " + "; ".join(wrong))
+    log.info("nesting the ONNX bundle %s (%s)", bundle, parity.get("summary"))
+
+
+def nest_onnx_bundle(
+    dest: Path,
+    model: ResolvedModel,
+    reference: Reference,
+    tol: Tolerances,
+    onnx_bundle: Path | None,
+    sign_key: Path | None,
+    **build_options: object,
+) -> None:
+    """models/<name>/: a copy of `onnx_bundle` (already checked by `reuse_onnx_bundle`) when
+    given, signed with `sign_key` if set; else a new ONNX bundle with its own parity gate."""
+    if onnx_bundle is None:
+        build_onnx_bundle(
+            model,
+            dest,
+            tolerances=tol,
+            record=False,
+            reference=reference,
+            sign_key=sign_key,
+            **build_options,
+        )
+        return
+    shutil.copytree(onnx_bundle, dest)
+    if sign_key is not None:
+        sign_bundle(dest, sign_key)
+
+
 def build_map(
     model: ResolvedModel,
     out: Path,
@@ -370,25 +427,30 @@ def build_map(
     sign_key: Path | None = None,
     runtimes: RuntimeOptions | None = None,
     reference: Reference | None = None,
+    onnx_bundle: Path | None = None,
 ) -> tuple[Path, ParityReport]:
     """Write a MAP build context for `model`; ParityError (and nothing written) on a breach.
 
     `sign_key`: sign the nested ONNX bundle and then the whole context (after its manifest).
-    `reference`: the packaging run's PyTorch outputs when other formats are checked too."""
+    `reference`: the packaging run's PyTorch outputs when other formats are checked too.
+    `onnx_bundle`: nest this ONNX bundle of the model (`reuse_onnx_bundle`) instead of
+    building one; BundleError, nothing written, when it is not one."""
     tol = tolerances or Tolerances.for_precision("fp32")
     name = model.name or "model"
     title = f"clinbundle {name} segmentation"
     # PyTorch runs once for both checks (and for every format of `quickstart --package`)
+    if onnx_bundle is not None:
+        reuse_onnx_bundle(onnx_bundle, model, tol)  # before the reference: refuse in seconds
     reference = reference or parity_reference(model, validation_limit)
     with staged_folder(out, force=force) as tmp:
-        build_onnx_bundle(
-            model,
+        nest_onnx_bundle(
             tmp / "models" / name,
+            model,
+            reference,
+            tol,
+            onnx_bundle,
+            sign_key,
             device=device,
-            tolerances=tol,
-            record=False,
-            reference=reference,
-            sign_key=sign_key,
             runtimes=runtimes,
         )
         write_app(tmp / "app")

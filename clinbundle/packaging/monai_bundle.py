@@ -27,6 +27,7 @@ anisotropic and oblique cases (README, MONAI bundle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -109,19 +112,40 @@ are the data owner's. Set them here before sharing the bundle.
 """
 
 
+@contextlib.contextmanager
+def quiet_monai_checks() -> Iterator[None]:
+    """MONAI's verify functions print an input summary of every argument (INFO, on stdout) and
+    warn "No hash value provided" for the schema we pass as a local file (nothing is
+    downloaded, so there is nothing to hash-check): noise in `quickstart`'s output. `-v` (debug
+    logging) keeps both."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    monai_log = logging.getLogger("monai.bundle.scripts")
+    level = monai_log.level
+    monai_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No hash value provided")
+            yield
+    finally:
+        monai_log.setLevel(level)
+
+
 def verify_bundle_metadata(root: Path) -> None:
     """MONAI's own checks, in-process: metadata against the shipped schema (no download), and
     the network's input/output shapes and dtypes against network_data_format."""
     from monai.bundle import verify_metadata, verify_net_in_out
 
     try:
-        verify_metadata(meta_file=str(root / METADATA), filepath=str(root / cfg.SCHEMA_FILE))
-        verify_net_in_out(
-            net_id="network_def",
-            meta_file=str(root / METADATA),
-            config_file=str(root / INFERENCE),
-            device="cpu",
-        )
+        with quiet_monai_checks():
+            verify_metadata(meta_file=str(root / METADATA), filepath=str(root / cfg.SCHEMA_FILE))
+            verify_net_in_out(
+                net_id="network_def",
+                meta_file=str(root / METADATA),
+                config_file=str(root / INFERENCE),
+                device="cpu",
+            )
     except Exception as e:  # MONAI raises ValueError / jsonschema errors of its own
         raise BundleError(f"the MONAI bundle fails MONAI's own verification: {e}") from None
 

@@ -46,6 +46,9 @@ log = logging.getLogger("clinbundle.runtimes")
 #: bf16 changes ~1e-2 of a probability: it is held to the Dice rule, as fp16 bundles are.
 BF16_TOLERANCES = Tolerances(max_abs=None, max_flip_fraction=None, min_dice=0.995)
 TIMING_ROUNDS = 2
+#: A candidate (or window batch) over this multiple of the fastest after its first timed run
+#: is not timed again: a second run cannot make it the fastest, and each costs seconds.
+PRUNE_RATIO = 1.25
 #: Sliding-window batches tried for the default runtime (and the contract's own).
 SW_BATCH_CHOICES = (1, 2, 4, 8)
 CACHE_ENV = "CLINBUNDLE_CACHE_DIR"
@@ -152,7 +155,8 @@ def representative_volume(contract: InferenceContract, shape: tuple[int, ...] | 
 def time_passers(
     cands: list[Candidate], volume: np.ndarray, threads: int
 ) -> tuple[dict[str, dict], list[float]]:
-    """Warm each passer up, then time rounds interleaved with sgemm; each keeps its best run."""
+    """Warm each passer up, then time rounds interleaved with sgemm; each keeps its best run.
+    A candidate over PRUNE_RATIO x the fastest after a round sits out the later rounds."""
     torch.set_num_threads(threads)
     passers = [c for c in cands if c.report is not None and c.report.passed]
     for c in passers:
@@ -160,35 +164,50 @@ def time_passers(
     best: dict[str, dict] = {}
     sgemm = [sgemm_gflops()]
     for _ in range(TIMING_ROUNDS):
+        fastest = min((b["seconds"] for b in best.values()), default=float("inf"))
         for c in passers:
+            if c.name in best and best[c.name]["seconds"] > PRUNE_RATIO * fastest:
+                continue
             seconds, peak = timed_with_peak_rss(lambda c=c: c.runtime.run(volume, None))
             sgemm.append(sgemm_gflops())
             torch.set_num_threads(threads)  # a runtime may have changed it
+            runs = best.get(c.name, {}).get("runs", 0) + 1
             if c.name not in best or seconds < best[c.name]["seconds"]:
                 best[c.name] = {"seconds": seconds, "peak_rss_mb": round(peak / 2**20, 1)}
+            best[c.name]["runs"] = runs
     return best, sgemm
 
 
 def measure_sw_batch(
-    c: Candidate, contract: InferenceContract, volume: np.ndarray, threads: int
+    c: Candidate,
+    contract: InferenceContract,
+    volume: np.ndarray,
+    threads: int,
+    contract_seconds: float | None = None,
 ) -> dict:
     """The default runtime timed at each sliding-window batch on the representative volume.
 
     Measured, not assumed: a larger batch feeds wider GEMMs but holds more activations, and
     where that pays depends on the runtime, the network and the cores. A batch whose output
     differs from the contract batch's (which passed parity) by more than the runtime's
-    tolerance is not chosen.
+    tolerance is not chosen. `contract_seconds`: the contract batch's time from
+    `time_passers` (not timed again); a batch over PRUNE_RATIO x the fastest after one run
+    is not run again.
     """
     base = c.runtime.run(volume, None)
     limit = c.tolerances.max_abs
     seconds, diffs = {}, {}
-    for batch in sorted({*SW_BATCH_CHOICES, contract.sw_batch_size}):
+    if contract_seconds is not None:
+        seconds[contract.sw_batch_size], diffs[contract.sw_batch_size] = contract_seconds, 0.0
+    for batch in sorted({*SW_BATCH_CHOICES, contract.sw_batch_size} - set(seconds)):
         runtime = c.runtime
         if batch != contract.sw_batch_size:
             runtime = c.open(contract.model_copy(update={"sw_batch_size": batch}), threads=threads)
         diffs[batch] = float(np.abs(runtime.run(volume, None) - base).max())  # also warms up
         runs = []
         for _ in range(TIMING_ROUNDS):
+            if runs and runs[0] > PRUNE_RATIO * min(seconds.values(), default=float("inf")):
+                break
             torch.set_num_threads(threads)
             runs.append(timed_with_peak_rss(lambda r=runtime: r.run(volume, None))[0])
         seconds[batch] = min(runs)
@@ -198,7 +217,7 @@ def measure_sw_batch(
         "sliding-window batch for %s: %d (%s)",
         c.name,
         chosen,
-        ", ".join(f"{b}: {s:.2f} s" for b, s in seconds.items()),
+        ", ".join(f"{b}: {s:.2f} s" for b, s in sorted(seconds.items())),
     )
     return {
         "runtime": c.name,
@@ -206,8 +225,8 @@ def measure_sw_batch(
         "contract": contract.sw_batch_size,
         "chosen_by": "fastest on the representative volume, output within the runtime's "
         f"tolerance of the contract batch's ({SW_BATCH_ENV} overrides at load)",
-        "seconds": {str(b): round(s, 3) for b, s in seconds.items()},
-        "max_abs_vs_contract_batch": {str(b): d for b, d in diffs.items()},
+        "seconds": {str(b): round(s, 3) for b, s in sorted(seconds.items())},
+        "max_abs_vs_contract_batch": {str(b): d for b, d in sorted(diffs.items())},
     }
 
 
@@ -231,14 +250,23 @@ def measure_candidates(
     precision: str = "fp32",
     bench_shape: tuple[int, ...] | None = None,
     report_folder: Path | None = None,
+    known: dict[str, ParityReport] | None = None,
 ) -> dict:
-    """Parity for each candidate, timing for the passers: the manifest's `runtimes` section."""
+    """Parity for each candidate, timing for the passers: the manifest's `runtimes` section.
+
+    `known`: reports already made of a candidate with the same file, reference and tolerances
+    (the ONNX gate's ORT run on the CPU), reused instead of running the parity suite again."""
     for c in cands:
         if c.runtime is None:
             continue
-        c.report = check_parity(
-            reference, c.runtime, reference.cases, contract, c.tolerances, c.name
-        )
+        reuse = (known or {}).get(c.name)
+        if reuse is not None and reuse.tolerances == c.tolerances:
+            log.info("%s: the parity report of the ONNX gate (same file and provider)", c.name)
+            c.report = reuse
+        else:
+            c.report = check_parity(
+                reference, c.runtime, reference.cases, contract, c.tolerances, c.name
+            )
         if report_folder is not None:
             c.report.write(report_folder / c.name)
     volume = representative_volume(contract, bench_shape)
@@ -261,7 +289,9 @@ def measure_candidates(
     chosen = next(c for c in cands if c.name == default)
     return {
         "default": default,
-        "sw_batch": measure_sw_batch(chosen, contract, volume, threads),
+        "sw_batch": measure_sw_batch(
+            chosen, contract, volume, threads, timings[default]["seconds"]
+        ),
         "chosen_by": f"fastest parity-passing {precision} candidate, timed end to end",
         "volume_shape": list(volume.shape),
         "gflop_per_volume": round(gflop, 3),

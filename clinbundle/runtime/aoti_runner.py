@@ -13,9 +13,12 @@ is refused with both records (the caller may fall back to another runtime, logge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +52,34 @@ def check_build(recorded: dict[str, str]) -> None:
         raise RuntimeMismatch(f"the compiled PyTorch package does not fit this machine: {said}")
 
 
+@contextlib.contextmanager
+def _no_isa_probe() -> Iterator[None]:
+    """`aoti_load_package` compares the package's build with `get_device_information`, whose
+    `pick_vec_isa()` compiles and runs a test program per vector ISA (~18 s on 2 cores, and files
+    in the Inductor cache) only to log a warning on a mismatch. `check_build` has already refused
+    a package of another ISA (torch's own cheap `get_cpu_capability`), so the probe is replaced
+    while loading. Loading runs under `aoti_predictor`'s lock; nothing else in a clinbundle
+    process compiles while a package loads."""
+    from torch._inductor import codecache
+
+    probe = codecache.get_device_information
+
+    def without_isa(device_type: str) -> dict[str, str]:
+        return {"AOTI_PLATFORM": sys.platform, "AOTI_MACHINE": platform.machine()}
+
+    codecache.get_device_information = without_isa
+    try:
+        yield
+    finally:
+        codecache.get_device_information = probe
+
+
+def load_package(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The compiled model of `path`, loaded without torch's ISA compiler probes."""
+    with _no_isa_probe():
+        return torch._inductor.aoti_load_package(str(path))
+
+
 def aoti_predictor(path: Path) -> Predictor:
     """Loads the package on the first call, not when the bundle opens: loading (torch._inductor
     and the package's shared library) costs several seconds that a page or a server would
@@ -60,7 +91,7 @@ def aoti_predictor(path: Path) -> Predictor:
     def predict(patches: torch.Tensor) -> torch.Tensor:
         with lock:
             if not loaded:
-                loaded.append(torch._inductor.aoti_load_package(str(path)))
+                loaded.append(load_package(path))
                 log.info("AOTInductor package %s loaded", path.name)
             return loaded[0](patches.detach().to("cpu", torch.float32).contiguous())
 
