@@ -121,15 +121,17 @@ def quiet_monai_checks() -> Iterator[None]:
     if log.isEnabledFor(logging.DEBUG):
         yield
         return
-    monai_log = logging.getLogger("monai.bundle.scripts")
-    level = monai_log.level
-    monai_log.setLevel(logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("monai.bundle.scripts", "monai.apps")]
+    levels = [x.level for x in loggers]  # monai.apps: "File exists ..., skipped downloading"
+    for x in loggers:
+        x.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No hash value provided")
             yield
     finally:
-        monai_log.setLevel(level)
+        for x, level in zip(loggers, levels, strict=True):
+            x.setLevel(level)
 
 
 def verify_bundle_metadata(root: Path) -> None:
