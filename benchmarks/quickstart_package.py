@@ -8,7 +8,8 @@ the time to the champion and each format's seconds (from the command's own outpu
 machine's cores and its load average before and after: a load above the core count means other
 work shared the CPUs and the times are upper bounds. The CPU seconds of the command and all its
 children (user + system) do not grow with contention: on 2 idle cores the wall time is at least
-half of them. The compiled-PyTorch and Inductor caches start empty (`CLINBUNDLE_CACHE_DIR`,
+half of them. The same process's sgemm rate, measured just before, says how fast the machine
+was. The compiled-PyTorch and Inductor caches start empty (`CLINBUNDLE_CACHE_DIR`,
 `TORCHINDUCTOR_CACHE_DIR` in the temp dir), as on a new user's machine; `--warm-caches` keeps
 the caller's.
 """
@@ -45,6 +46,9 @@ def main() -> int:
             ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
         ):
             env[var] = str(work.parent / name)
+    from clinbundle.packaging.measure import sgemm_gflops
+
+    sgemm = sgemm_gflops()  # the machine's speed, so the wall time can be compared across them
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -78,6 +82,7 @@ def main() -> int:
         "goal_s": 300,
         "compile_caches": "warm (the caller's)" if args.warm_caches else "empty",
         "cpu_count": os.cpu_count(),
+        "sgemm_gflops_before": round(sgemm, 1),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         # the load before: after, it is the command's own (bento and MAP run side by side)
