@@ -32,7 +32,7 @@ MLFLOW_PID=
 TIMES=()
 T_ALL=$SECONDS
 
-step() { STEP=$1; T0=$SECONDS; log "=== $1 (disk free: $(df -h --output=avail "$CB_WORK" 2>/dev/null | tail -n1 | tr -d ' '))"; }
+step() { STEP=$1; T0=$SECONDS; log "=== $1 (disk free: $(df -h --output=avail "$ROOT" 2>/dev/null | tail -n1 | tr -d ' '))"; }
 # CB_PRUNE_STAGES=1 (CI: a fresh clone): the stage images the train and serve builds share
 # (their builder stages) are removed once both are built, before the MAP's
 prune_stages() { [ "${CB_PRUNE_STAGES:-0}" = 1 ] && podman image prune -f >/dev/null; true; }
