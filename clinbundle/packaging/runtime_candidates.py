@@ -52,6 +52,11 @@ PRUNE_RATIO = 1.25
 #: Sliding-window batches tried for the default runtime (and the contract's own).
 SW_BATCH_CHOICES = (1, 2, 4, 8)
 CACHE_ENV = "CLINBUNDLE_CACHE_DIR"
+#: Inductor settings of the AOTInductor compile. Freezing folds the weights into the package as
+#: constants and lets the CPU backend pre-pack them for oneDNN's convolutions: measured on the
+#: quickstart DynUNet (2 cores, batch 2 of 48^3 windows) 22-25 ms per window against 31 ms
+#: without it (eager PyTorch: 27-29 ms). The weights are fixed at packaging anyway.
+AOTI_INDUCTOR_CONFIGS = {"freezing": True}
 
 
 @dataclass
@@ -67,14 +72,16 @@ class Candidate:
 
 
 def aoti_cache_path(network: torch.nn.Module, contract: InferenceContract) -> Path:
-    """Compiling costs tens of seconds on 2 cores; the same weights, graph, torch and CPU give
-    the same package, so it is kept under a key of all four (CLINBUNDLE_CACHE_DIR)."""
+    """Compiling costs tens of seconds on 2 cores; the same weights, graph, torch, CPU and
+    Inductor settings give the same package, so it is kept under a key of all five
+    (CLINBUNDLE_CACHE_DIR)."""
     h = hashlib.sha256()
     buf = io.BytesIO()
     torch.save(network.state_dict(), buf)
     h.update(buf.getvalue())
     h.update(json.dumps([contract.network.model_dump(), list(contract.roi_size)]).encode())
     h.update(json.dumps(build_info(), sort_keys=True).encode())
+    h.update(json.dumps(AOTI_INDUCTOR_CONFIGS, sort_keys=True).encode())
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "clinbundle")
     return root / "aoti" / f"{h.hexdigest()[:32]}.pt2"
 
@@ -91,7 +98,9 @@ def export_aoti(network: torch.nn.Module, contract: InferenceContract, dest: Pat
             program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp), inductor_configs=dict(AOTI_INDUCTOR_CONFIGS)
+        )
         tmp.replace(cached)
     else:
         log.info("AOTInductor package from the cache: %s", cached)

@@ -171,6 +171,12 @@ def _segment_one(predictor, volume, contract, plan, output, device, sw_batch_siz
     del image
     if output == "probabilities":
         return np.stack([plan.channel_to_input(p) for p in probs])
+    if probs.shape[0] == 2:
+        # Two classes: interpolation weights sum to 1 and p0 = 1 - p1, so the resampled p1 >
+        # p0 exactly when it is > 0.5; one channel resampled instead of two (2.6 s of a whole
+        # 512 x 512 x 300 CT on 2 cores). Equal up to float rounding within ~1e-7 of 0.5.
+        labels = (plan.channel_to_input(probs[1]) > 0.5).astype(np.uint8)
+        return postprocess(labels, contract.postprocessing)
     best = plan.channel_to_input(probs[0])
     labels = np.zeros(best.shape, dtype=np.uint8)
     for k in range(1, probs.shape[0]):
