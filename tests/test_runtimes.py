@@ -77,6 +77,22 @@ def test_loading_the_compiled_package_builds_no_compiler_probe(packaged, tmp_pat
     assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))[:5]
 
 
+def test_a_single_window_runs_as_a_pair_and_keeps_its_own_answer(packaged):
+    """Batch 1 is slow in the compiled package (~3x a pair on 2 cores): the predictor runs the
+    window twice and keeps one answer, the one the package gives that window inside a pair."""
+    import torch
+
+    from clinbundle.runtime.aoti_runner import aoti_predictor, load_package
+
+    pt2 = packaged.bundle / "runtimes" / "model.pt2"
+    roi = packaged.model.contract.roi_size
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, *roi)).astype(np.float32))
+    single = aoti_predictor(pt2)(x)
+    pair = load_package(pt2)(torch.cat([x, torch.zeros_like(x)]))
+    assert single.shape == (1, packaged.model.contract.num_classes, *roi)
+    torch.testing.assert_close(single, pair[:1], rtol=0, atol=0)
+
+
 def test_openvino_keeps_the_staged_norm_means_and_passes_on_padded_cases(packaged):
     """OpenVINO's ReduceMerge used to fold the per-axis means of every exported instance norm
     into one reduction over the whole patch, summed by its CPU plugin in one fp32 run: up to
