@@ -238,10 +238,10 @@ def run_map(
 ) -> subprocess.CompletedProcess:
     """Run the MAP's app as the MAP runtime does: `python app -i IN -o OUT -m models`.
 
-    HOLOSCAN_CONFIG_PATH points at the context's app.yaml (the app raises its own stack limit to
-    what holoscan wants: no `preexec_fn`, which is not safe beside the threads of
-    `package_every_format`), and `offline` runs it in a fresh network namespace (`unshare --net`, needs
-    root or user namespaces) to prove it needs no network. `via_env` passes the folders as
+    HOLOSCAN_CONFIG_PATH points at the context's app.yaml (the app raises its own stack limit
+    to what holoscan wants: no `preexec_fn`, which is not safe beside the threads of
+    `package_every_format`), and `offline` runs it in a fresh network namespace (`unshare
+    --net`, needs root or user namespaces) to prove it needs no network. `via_env` passes the folders as
     HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH instead, as a MAP runtime
     does inside the container.
     """
@@ -369,10 +369,9 @@ def reuse_onnx_bundle(bundle: Path, model: ResolvedModel, tolerances: Tolerances
     tolerances and a passed parity. Anything else is refused (BundleError), before any writing.
     """
     manifest = read_manifest(Path(bundle))
-    wrong = [f"format is {manifest.get('format')!r}, not 'onnx'"] * (
-        manifest.get("format") != "onnx"
-    )
-    wrong += check_hashes(Path(bundle), manifest)
+    wrong = check_hashes(Path(bundle), manifest)
+    if manifest.get("format") != "onnx":
+        wrong.append(f"format is {manifest.get('format')!r}, not 'onnx'")
     made_from = manifest.get("model", {})
     for key, want in (("run_id", model.run_id), ("version", model.version)):
         if str(made_from.get(key)) != str(want):
