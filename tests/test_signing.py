@@ -32,7 +32,12 @@ from clinbundle.packaging.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 from clinbundle.runtime.bundle_reader import load_bundle, read_manifest
 from clinbundle.runtime.errors import BundleError
 from clinbundle.runtime.hashing import sha256_file
-from clinbundle.runtime.signature import SIGNATURE_FILE, TRUSTED_KEY_ENV, key_fingerprint
+from clinbundle.runtime.signature import (
+    SIGNATURE_FILE,
+    TRUSTED_KEY_ENV,
+    key_fingerprint,
+    readable_mismatch,
+)
 
 from conftest import package_champion
 
@@ -100,6 +105,21 @@ def test_signed_bundle_verifies_with_its_key_and_fails_with_another(
     assert "signature signed, not checked" in capsys.readouterr().out
 
 
+def test_a_mismatch_names_the_changed_files_in_either_of_model_signings_shapes() -> None:
+    """One mismatch comes as its text; several as the repr of a list, where a digest holding
+    both quote kinds makes Python escape the names' quotes (seen in CI)."""
+
+    def entry(name: str) -> str:
+        return f"Hash mismatch for '{name}': Expected 'Digest(digest_value=b\"x\")', Actual 'y'"
+
+    one = f"Signature mismatch: {entry('model.onnx')}"
+    several = f"Signature mismatch: {[entry('manifest.json'), entry('model.onnx')]}"
+    assert "\\'manifest.json\\'" in several  # the shape CI met
+    assert readable_mismatch(one) == "changed since signing: model.onnx"
+    assert readable_mismatch(several) == "changed since signing: manifest.json, model.onnx"
+    assert readable_mismatch("Invalid signature") == "Invalid signature"
+
+
 def test_a_changed_byte_with_a_matching_manifest_is_caught_by_the_signature(
     signed_bundle: Path, keys, tmp_path: Path
 ) -> None:
@@ -116,7 +136,7 @@ def test_a_changed_byte_with_a_matching_manifest_is_caught_by_the_signature(
     assert load_bundle(copy, "cpu").signature == "signed, not checked"  # no key: as before
     with pytest.raises(BundleError, match="does not verify") as err:
         load_bundle(copy, "cpu", trusted_key=keys["a"][1])
-    # model-signing names the first mismatch it meets: the graph or the manifest, both changed
+    # model-signing names one mismatch or both (the graph and the manifest both changed)
     named = str(err.value).split("changed since signing: ")[-1].split(", ")
     assert named and set(named) <= {"model.onnx", "manifest.json"}, str(err.value)
     assert main(["verify", str(copy), "--key", str(keys["a"][1]), "--device", "cpu"]) == 2

@@ -64,6 +64,13 @@ def trusted_key_from_env() -> Path | None:
     return Path(value) if value else None
 
 
+def readable_mismatch(reason: str) -> str:
+    """model-signing lists raw digests: name the changed files instead. One mismatch comes as
+    its text, several as the repr of a list, where the names' quotes may be escaped."""
+    changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", reason)
+    return "changed since signing: " + ", ".join(changed) if changed else reason
+
+
 def verify_signature(folder: Path, public_key: Path | str) -> str:
     """Check `folder/model.sig` against `public_key`; the state string, or BundleError."""
     from model_signing import verifying
@@ -81,10 +88,7 @@ def verify_signature(folder: Path, public_key: Path | str) -> str:
             hashing_config()
         ).verify(folder, signature)
     except Exception as e:  # model-signing raises ValueError, cryptography InvalidSignature
-        reason = str(e) or type(e).__name__
-        changed = re.findall(r"Hash mismatch for '([^']+)'", reason)
-        if changed:  # model-signing lists raw digests: name the files instead
-            reason = "changed since signing: " + ", ".join(changed)
+        reason = readable_mismatch(str(e) or type(e).__name__)
         raise BundleError(
             f"{folder}: the signature in {SIGNATURE_FILE} does not verify with the trusted key "
             f"{public_key} ({fingerprint}): {reason}"
