@@ -4,19 +4,23 @@ PYTHON ?= python3
 # The CPU build of torch that this kind of machine serves from its local wheels. On a GPU machine
 # use the CUDA build instead: `make TORCH=torch quickstart`.
 TORCH ?= torch==2.13.0
+# ONNX Runtime's build, a clinbundle extra: cpu (onnxruntime) or gpu (onnxruntime-gpu, with TORCH=torch)
+ORT_EXTRA ?= cpu
 VENV := .venv
 BIN := $(VENV)/bin
 # cyclonedx-bom in a venv of its own (see clinbundle/packaging/sbom.py): packaging writes each
 # bundle's SBOM with it
 SBOM_VENV := .venv-sbom
 export CLINBUNDLE_SBOM_PYTHON ?= $(abspath $(SBOM_VENV))/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(ORT_EXTRA)-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install quickstart test test-fast lint bench containers clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
+	@# one ONNX Runtime build at a time: the two share the module's files
+	$(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu 2>/dev/null || true
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,$(ORT_EXTRA)]'
 	$(BIN)/python -c "import clinbundle, monai, mlflow, onnxruntime"
 	$(PYTHON) -m venv $(SBOM_VENV)
 	$(SBOM_VENV)/bin/python -m pip install -q "cyclonedx-bom>=7,<8"

@@ -86,8 +86,12 @@ for dir in $("$BIN/python" -m pip config list 2>/dev/null | sed -n "s/.*find-lin
     done
 done
 [ "$TORCH_SPEC" = torch ] && log "decision: no local torch $TORCH_VERSION wheel: the image takes PyPI's torch"
+# ONNX Runtime's build in the images: the CPU one on the CPU stand-in base (ORT_EXTRA=gpu holds
+# an image built on a CUDA base to onnxruntime-gpu and its CUDA provider)
+ORT_EXTRA=${ORT_EXTRA:-cpu}
+log "decision: image ONNX Runtime = clinbundle[$ORT_EXTRA] (ORT_EXTRA)"
 BUILD=(podman build --network host --format docker --build-arg "BASE_IMAGE=$BASE"
-    --build-arg "TORCH=$TORCH_SPEC" --build-arg WHEELS=wheels)
+    --build-arg "TORCH=$TORCH_SPEC" --build-arg "ORT_EXTRA=$ORT_EXTRA" --build-arg WHEELS=wheels)
 rm -rf "$E2E"; mkdir -p "$E2E/logs"
 took
 
@@ -236,10 +240,9 @@ podman image inspect -f '{{json .Config.Healthcheck}}' "$SERVE_IMAGE" | grep -q 
 took
 
 step "ONNX Runtime build and providers of the images"
-# CI builds CPU images (ORT_BUILD=onnxruntime-gpu would hold a CUDA image to the GPU build)
 for image in "$TRAIN_IMAGE" "$SERVE_IMAGE"; do
     podman run -i --rm --network none --entrypoint /opt/venv/bin/python "$image" - \
-        "${ORT_BUILD:-onnxruntime}" <.ci/ort_build.py >"$E2E/logs/ort-build.log" 2>&1 \
+        "$ORT_EXTRA" <.ci/ort_build.py >"$E2E/logs/ort-build.log" 2>&1 \
         || { cat "$E2E/logs/ort-build.log" >&2; log "$image: not the expected ONNX Runtime build"; exit 1; }
     log "$image: $(tail -n1 "$E2E/logs/ort-build.log")"
 done

@@ -1,7 +1,8 @@
 """Run inside an image (stdin to its venv's python): which ONNX Runtime build it has, and its
-execution providers. argv[1] is the distribution the image should have: `onnxruntime` (the CPU
-build, every image CI builds) or `onnxruntime-gpu` (an image for a CUDA host, which must then
-offer the CUDA provider). Both installed at once shadow each other's files: refused.
+execution providers. argv[1] is the clinbundle extra the image was built with (ORT_EXTRA): `cpu`
+(the `onnxruntime` distribution: every image CI builds) or `gpu` (`onnxruntime-gpu`, an image
+for a CUDA host, which must then offer the CUDA provider). Both installed at once shadow each
+other's files: refused.
 """
 
 import contextlib
@@ -10,7 +11,8 @@ import sys
 
 import onnxruntime as ort
 
-want = sys.argv[1]
+extra = sys.argv[1]
+want = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}[extra]
 dists = []
 for name in ("onnxruntime", "onnxruntime-gpu"):
     with contextlib.suppress(md.PackageNotFoundError):
@@ -18,7 +20,7 @@ for name in ("onnxruntime", "onnxruntime-gpu"):
 providers = ort.get_available_providers()
 print(f"ONNX Runtime {ort.__version__}: {', '.join(dists)}; providers {providers}")
 if [d.split("==")[0] for d in dists] != [want]:
-    sys.exit(f"expected exactly {want} installed, found {dists}")
+    sys.exit(f"ORT_EXTRA={extra}: expected exactly {want} installed, found {dists}")
 if "CPUExecutionProvider" not in providers:
     sys.exit("no CPUExecutionProvider")
 if (want == "onnxruntime-gpu") != ("CUDAExecutionProvider" in providers):

@@ -9,6 +9,7 @@ import importlib.util
 import platform
 
 from clinbundle.runtime.errors import ClinbundleError
+from clinbundle.runtime.ort_build import distribution
 
 #: One copy-paste example per command (its path of sub-command names), shown under --help.
 EXAMPLES = {
@@ -42,6 +43,8 @@ EXAMPLES = {
 
 #: Optional extras (pyproject.toml) and the modules that show each is installed.
 EXTRAS = {
+    # ONNX Runtime: `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu) installs the one module
+    "cpu": ("onnxruntime",),
     "serve": ("bentoml",),
     "map": ("holoscan", "holoscan_cli", "pydicom", "highdicom"),
     "demo": ("gradio", "httpx"),
@@ -86,7 +89,8 @@ def version_text() -> str:
     from clinbundle import __version__
 
     libs = []
-    for name in ("torch", "monai", "mlflow", "onnxruntime", "bentoml", "monai-deploy-app-sdk"):
+    names = ("torch", "monai", "mlflow", "onnxruntime", "bentoml", "monai-deploy-app-sdk")
+    for name in map(distribution, names):
         try:
             libs.append(f"{name} {md.version(name)}")
         except md.PackageNotFoundError:
@@ -101,9 +105,10 @@ def extra_of(module: str | None) -> str | None:
 
 
 def missing_extra(extra: str, module: str) -> ClinbundleError:
+    hint = " (or 'clinbundle[gpu]' on a CUDA host)" if extra == "cpu" else ""
     return ClinbundleError(
         f"this command needs the '{extra}' extra ({module} is not installed): "
-        f"pip install 'clinbundle[{extra}]'"
+        f"pip install 'clinbundle[{extra}]'{hint}"
     )
 
 

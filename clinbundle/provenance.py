@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import clinbundle
+from clinbundle.runtime.ort_build import distribution
 
 #: Libraries whose versions decide a model's numbers; recorded in every bundle's manifest.
 RUNTIME_LIBRARIES = ("clinbundle", "torch", "monai", "numpy", "onnx", "onnxruntime", "mlflow")
@@ -41,8 +42,10 @@ def git_state() -> dict[str, str]:
 
 
 def library_versions(names: tuple[str, ...] = RUNTIME_LIBRARIES) -> dict[str, str]:
+    """name -> version; `onnxruntime` is reported under the build installed (onnxruntime-gpu on
+    a CUDA host)."""
     versions = {}
-    for name in names:
+    for name in map(distribution, names):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

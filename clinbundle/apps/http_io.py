@@ -38,6 +38,7 @@ from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.bundle_reader import OnnxBundle, load_bundle
 from clinbundle.runtime.errors import InputError
 from clinbundle.runtime.geometry import check_affine, spacing_of
+from clinbundle.runtime.ort_build import distribution
 
 log = logging.getLogger("clinbundle.service")
 
@@ -463,7 +464,8 @@ def service_metadata(bundle_path: Path) -> dict:
     """Model, contract, provenance, parity and versions: what a client may want to check."""
     manifest = json.loads((bundle_path / "manifest.json").read_text())
     serving = {}
-    for lib in ("bentoml", "onnxruntime", "openvino", "torch", "numpy", "nibabel", "clinbundle"):
+    libs = ("bentoml", "onnxruntime", "openvino", "torch", "numpy", "nibabel", "clinbundle")
+    for lib in map(distribution, libs):  # onnxruntime: the build installed, CPU or CUDA
         try:
             serving[lib] = md.version(lib)
         except md.PackageNotFoundError:

@@ -48,6 +48,7 @@ from clinbundle.packaging.runtimes import http_runtime
 from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
 from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.ort_build import distribution
 from clinbundle.vendoring import vendor_runtime
 
 if TYPE_CHECKING:
@@ -133,9 +134,10 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 
 def pinned(packages: list[str]) -> list[str]:
-    """Each package at the version installed here: the versions the parity check ran on."""
+    """Each package at the version installed here: the versions the parity check ran on
+    (`onnxruntime` names the ONNX Runtime build installed here, CPU or CUDA)."""
     pins = []
-    for name in packages:
+    for name in map(distribution, packages):
         try:
             pins.append(f"{name}=={md.version(name)}")
         except md.PackageNotFoundError:

@@ -5,7 +5,9 @@
 Imports the one `.bento` archive of BENTO_DIR into $BENTOML_HOME, keeps a copy of the archive in
 $BENTOML_HOME/archive/ (what `clinbundle serve` is pointed at), and writes the bento's exact
 `name==version` pins to REQUIREMENTS_OUT so the image runs the versions the bento's HTTP parity
-check ran on. Anything else in the bento's requirements is logged and left out.
+check ran on. Anything else in the bento's requirements is logged and left out, and so is a pin
+of the other ONNX Runtime build than the image's (a bento packaged on a CPU host served from a
+CUDA image keeps the image's onnxruntime-gpu).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from clinbundle.packaging.bento import ensure_imported
 from clinbundle.runtime.errors import BundleError
+from clinbundle.runtime.ort_build import ORT_BUILDS, ort_extra
 
 log = logging.getLogger("clinbundle.bento_image")
 PIN = re.compile(r"^[A-Za-z0-9._-]+(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$")
@@ -53,6 +56,21 @@ def bento_pins(archive: Path) -> list[str]:
     return pins
 
 
+def image_pins(pins: list[str], image_extra: str) -> list[str]:
+    """The bento's pins less any ONNX Runtime build other than the image's (`cpu` or `gpu`)."""
+    other = {d for e, d in ORT_BUILDS.items() if e != image_extra}
+    kept = [p for p in pins if p.split("==")[0].lower() not in other]
+    for pin in sorted(set(pins) - set(kept)):
+        log.info(
+            "%s left out: this image has ONNX Runtime's %s build (%s); the bento's parity "
+            "check ran on the other one",
+            pin,
+            image_extra,
+            ORT_BUILDS[image_extra],
+        )
+    return kept
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if len(argv) != 2:
@@ -63,7 +81,7 @@ def main(argv: list[str]) -> int:
     tag = ensure_imported(archive)
     (home / "archive").mkdir(parents=True, exist_ok=True)
     shutil.copy(archive, home / "archive" / archive.name)
-    pins = bento_pins(archive)
+    pins = image_pins(bento_pins(archive), ort_extra())
     Path(argv[1]).write_text("".join(p + "\n" for p in pins))
     log.info("bento %s in %s; %d pinned packages: %s", tag, home, len(pins), " ".join(pins))
     return 0

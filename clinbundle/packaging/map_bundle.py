@@ -66,6 +66,7 @@ from clinbundle.packaging.sbom import SBOM_FILE, write_sbom
 from clinbundle.packaging.signing import sign_bundle
 from clinbundle.runtime.bundle_reader import check_hashes, read_manifest
 from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.ort_build import ort_extra
 from clinbundle.runtime.runners import Runtime
 from clinbundle.vendoring import vendor_runtime
 
@@ -88,13 +89,15 @@ them. Add them to a copy of this folder, so that `clinbundle verify` of the orig
 
 
 def _requirement_lines() -> list[str]:
-    """clinbundle's own dependencies and its `map` extra, pinned at the installed versions."""
+    """clinbundle's own dependencies, its `map` extra and the installed ONNX Runtime build's extra
+    (`cpu` or `gpu`), pinned at the installed versions."""
     from packaging.requirements import Requirement
 
+    extras = ("map", ort_extra())
     lines = []
     for spec in md.requires("clinbundle") or []:
         req = Requirement(spec)
-        if req.marker and not req.marker.evaluate({"extra": "map"}):
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras):
             continue
         version = md.version(req.name).split("+")[0]  # torch 2.13.0+cpu -> the build fits the image
         lines.append(f"{req.name}=={version}")
@@ -457,7 +460,8 @@ def build_map(
         (tmp / "app.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / "pip").mkdir()
         (tmp / "pip" / "requirements.txt").write_text(
-            "# Pinned to the versions that passed the MAP parity check (clinbundle + [map]).\n"
+            "# Pinned to the versions that passed the MAP parity check (clinbundle, its [map]\n"
+            "# extra and the ONNX Runtime build it ran on).\n"
             + "\n".join(_requirement_lines())
             + "\n"
         )
