@@ -9,6 +9,9 @@ quickstart's synthetic data and reports, as JSON:
 
     python benchmarks/train_throughput.py --epochs 3 --out benchmarks/train_throughput.json
     CLINBUNDLE_MALLOC=default python benchmarks/train_throughput.py --out ...   # glibc's default
+    python benchmarks/train_throughput.py --set compute.compile=true --out ...  # torch.compile
+    python benchmarks/train_throughput.py --set 'model.filters=[16,32,64,128]' \
+        --set 'compute.patch_size=[64,64,64]' --out ...   # the default DynUNet (issue 15)
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3, help="the first is a warm-up")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +61,12 @@ def main() -> None:
         write_dataset(data, **SYNTH)
         cfg = load_config(
             quickstart_config_path(),
-            [f"data.root={data}", f"train.epochs={args.epochs}", f"train.val_every={args.epochs}"],
+            [
+                f"data.root={data}",
+                f"train.epochs={args.epochs}",
+                f"train.val_every={args.epochs}",
+                *args.set,
+            ],
         )
         state = train(cfg, Path(tmp) / "run")
 
@@ -73,6 +84,8 @@ def main() -> None:
         "filters": cfg.model.filters,
         "patch_size": list(state.compute.patch_size),
         "batch_size": state.compute.batch_size,
+        "compiled": state.compute.compile,
+        "overrides": args.set,
         "samples_per_volume": cfg.data.samples_per_volume,
         "train_volumes_per_epoch": n_train,
         "epoch_seconds_median": sec,

@@ -187,6 +187,43 @@ def test_sigkill_then_resume_latest_loses_at_most_the_checkpoint_interval(
     _assert_same_training(client, run_id, reference, tmp_path / "dl")
 
 
+@pytest.mark.slow
+def test_a_compiled_network_stopped_and_resumed_is_the_same_training(
+    tmp_path: Path, synth_data: Path, shared_mlflow_server, trained
+) -> None:
+    """compute.compile=true (issue 15): the compiled run, stopped by SIGTERM mid-epoch and
+    resumed in a fresh process, recompiles the same graph and ends exactly where the
+    uninterrupted compiled run ends."""
+    url, env = shared_mlflow_server.url, _cli_env(shared_mlflow_server.url)
+    client = MlflowClient(url, registry_uri=url)
+    compiled = [*PRE, "train.epochs=2", "compute.compile=true"]
+    ref = run_training(
+        tmp_path / "ref",
+        overrides=[
+            f"data.root={synth_data}",
+            *compiled,
+            f"tracking.tracking_uri={url}",
+            "tracking.experiment=compiled-ref",
+            "tracking.model_name=compiled-ref",
+        ],
+    )
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    mlflow.set_registry_uri(trained.tracking_uri)
+    ref_id = ref.extra["run_id"]
+    reference = (client, ref_id, _last(client, ref_id, tmp_path / "ref-last"))
+
+    sets = _sets([*compiled, "tracking.experiment=compiled", "tracking.model_name=compiled"])
+    args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
+    rc, err, seen = train_until_signal(args, tmp_path, env, r"epoch 2 step 1/4 ", signal.SIGTERM)
+    assert seen and rc == 143, err[-3000:]
+    assert "compute.compile = True (user: set by the user)" in err, err[-3000:]
+    resume = ["--resume", "latest", "--set", "tracking.experiment=compiled"]  # compile: the run's
+    r = _resume([*resume, "--workdir", str(tmp_path / "b")], tmp_path, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_id = _one_run_one_version(client, "compiled", "compiled")
+    _assert_same_training(client, run_id, reference, tmp_path / "dl")
+
+
 # --- bad --resume input: one line, exit 2, no new run ------------------------------------------
 
 

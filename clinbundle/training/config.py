@@ -80,6 +80,8 @@ class ComputeConfig(_Section):
     patch_size: Auto | tuple[int, int, int] = "auto"
     cache_rate: Auto | float = "auto"
     amp: Auto | bool = "auto"
+    # torch.compile the network for training (inductor, static shapes); see training/compute.py
+    compile: Auto | bool = "auto"
 
 
 class TrackingConfig(_Section):

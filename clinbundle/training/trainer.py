@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.utils import set_determinism
+from monai.utils import convert_to_tensor, set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -325,6 +325,10 @@ def train(
         net = DistributedDataParallel(
             model, device_ids=[info.local_rank] if device.type == "cuda" else None
         )
+    if comp.compile:
+        # static shapes: every step has the same patch and batch size (a short last batch
+        # compiles once more); the weights stay `model`'s, so checkpoints are unchanged
+        net = torch.compile(net, dynamic=False)
     policy = CheckpointPolicy(cfg.train.checkpoint_every_epochs, cfg.train.checkpoint_every_minutes)
 
     def announce(path: Path, artifact_dir: str) -> None:
@@ -393,7 +397,12 @@ def train(
                 for i, batch in enumerate(bar):
                     if i < skip:  # drawn again (same RNG use) but already trained on
                         continue
-                    x, y = batch["image"].to(device), batch["label"].to(device)
+                    # plain tensors: torch.compile cannot trace MONAI's MetaTensor, and the
+                    # loss needs no metadata
+                    x, y = (
+                        convert_to_tensor(batch[k], track_meta=False).to(device)
+                        for k in ("image", "label")
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device.type, enabled=amp):
                         loss = loss_fn(net(x), y)
