@@ -77,22 +77,27 @@ def reference(
     shared_mlflow_server, synth_data: Path, tmp_path_factory: pytest.TempPathFactory, trained
 ):
     """The uninterrupted run every interrupted one is compared with."""
-    url = shared_mlflow_server.url
+    dest = tmp_path_factory.mktemp("reference")
+    return _uninterrupted(dest, synth_data, shared_mlflow_server.url, trained, PRE, "reference")
+
+
+def _uninterrupted(dest: Path, data: Path, url: str, trained, sets: list[str], name: str):
+    """(client, run id, its `last` checkpoint) of a run trained in this process to the end."""
     state = run_training(
-        tmp_path_factory.mktemp("reference"),
+        dest / "run",
         overrides=[
-            f"data.root={synth_data}",
-            *PRE,
+            f"data.root={data}",
+            *sets,
             f"tracking.tracking_uri={url}",
-            "tracking.experiment=reference",
-            "tracking.model_name=reference",
+            f"tracking.experiment={name}",
+            f"tracking.model_name={name}",
         ],
     )
     mlflow.set_tracking_uri(trained.tracking_uri)
     mlflow.set_registry_uri(trained.tracking_uri)
     client = MlflowClient(url, registry_uri=url)
     run_id = state.extra["run_id"]
-    return client, run_id, _last(client, run_id, tmp_path_factory.mktemp("ref-last"))
+    return client, run_id, _last(client, run_id, dest / "last")
 
 
 def _assert_same_training(client: MlflowClient, run_id: str, reference, tmp: Path) -> None:
@@ -197,20 +202,7 @@ def test_a_compiled_network_stopped_and_resumed_is_the_same_training(
     url, env = shared_mlflow_server.url, _cli_env(shared_mlflow_server.url)
     client = MlflowClient(url, registry_uri=url)
     compiled = [*PRE, "train.epochs=2", "compute.compile=true"]
-    ref = run_training(
-        tmp_path / "ref",
-        overrides=[
-            f"data.root={synth_data}",
-            *compiled,
-            f"tracking.tracking_uri={url}",
-            "tracking.experiment=compiled-ref",
-            "tracking.model_name=compiled-ref",
-        ],
-    )
-    mlflow.set_tracking_uri(trained.tracking_uri)
-    mlflow.set_registry_uri(trained.tracking_uri)
-    ref_id = ref.extra["run_id"]
-    reference = (client, ref_id, _last(client, ref_id, tmp_path / "ref-last"))
+    reference = _uninterrupted(tmp_path / "ref", synth_data, url, trained, compiled, "compiled-ref")
 
     sets = _sets([*compiled, "tracking.experiment=compiled", "tracking.model_name=compiled"])
     args = ["train", "--data", str(synth_data), "--workdir", str(tmp_path / "a"), *sets]
