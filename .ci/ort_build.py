@@ -5,21 +5,19 @@ for a CUDA host, which must then offer the CUDA provider). Both installed at onc
 other's files: refused.
 """
 
-import contextlib
 import importlib.metadata as md
 import sys
 
 import onnxruntime as ort
 
+from clinbundle.runtime.ort_build import ORT_BUILDS, installed_builds
+
 extra = sys.argv[1]
-want = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}[extra]
-dists = []
-for name in ("onnxruntime", "onnxruntime-gpu"):
-    with contextlib.suppress(md.PackageNotFoundError):
-        dists.append(f"{name}=={md.version(name)}")
+want, found = ORT_BUILDS[extra], installed_builds()
+dists = [f"{name}=={md.version(name)}" for name in found]
 providers = ort.get_available_providers()
 print(f"ONNX Runtime {ort.__version__}: {', '.join(dists)}; providers {providers}")
-if [d.split("==")[0] for d in dists] != [want]:
+if found != [want]:
     sys.exit(f"ORT_EXTRA={extra}: expected exactly {want} installed, found {dists}")
 if "CPUExecutionProvider" not in providers:
     sys.exit("no CPUExecutionProvider")

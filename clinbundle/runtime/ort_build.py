@@ -35,8 +35,10 @@ def distribution(name: str) -> str:
     With none or both builds installed the name is returned as given: version lookups then say
     what is there, and `ort_extra` refuses to pin such an environment.
     """
+    if name not in ORT_BUILDS.values():
+        return name
     found = installed_builds()
-    return found[0] if name in ORT_BUILDS.values() and len(found) == 1 else name
+    return found[0] if len(found) == 1 else name
 
 
 def ort_extra() -> str:

@@ -109,14 +109,13 @@ def resolve_compute(
         amp = bool(cfg.amp) and device.type == "cuda"
         d["amp"] = Decision(amp, False, "set by the user (ignored on CPU)")
 
-    compiled = resolve_compile(cfg.compile)
-    d["compile"] = compiled
+    d["compile"] = resolve_compile(cfg.compile)
 
     for k, dec in d.items():
         log.info(
             "compute.%s = %s (%s: %s)", k, dec.value, "auto" if dec.auto else "user", dec.reason
         )
-    return Compute(device, batch, patch, rate, amp, bool(compiled.value), d)  # type: ignore[arg-type]
+    return Compute(device, batch, patch, rate, amp, bool(d["compile"].value), d)  # type: ignore[arg-type]
 
 
 def resolve_compile(want: object) -> Decision:
