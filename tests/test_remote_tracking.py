@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -13,7 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from clinbundle.runtime.errors import TrackingError
 from clinbundle.training.callbacks import Callback
+from clinbundle.training.data import Dataset
 from clinbundle.training.run import run_training
+from clinbundle.training.run_page import DIGEST_CHARS, log_dataset_input
 
 from conftest import TINY, MlflowServer
 
@@ -150,3 +154,38 @@ def test_outage_longer_than_the_limit_gives_up_clearly(
     finally:
         mlflow.set_tracking_uri(tracking.tracking_uri)
         mlflow.set_registry_uri(tracking.tracking_uri)
+
+
+def test_runs_starting_together_log_one_dataset_without_a_lost_race(
+    tmp_path: Path, mlflow_server, monkeypatch
+) -> None:
+    """A grid's trials start together and log the same data set to one server: MLflow looks
+    the dataset up and inserts it in two statements, so all but one insert broke the unique
+    key (CI's Ray grid failed on it). Several rounds of runs released at one barrier, each
+    round a new data set: every run has its input, and the server holds one row per set."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    exp = mlflow.set_experiment("race").experiment_id
+    rounds, runs = 4, 4
+    results: list[tuple[str, str]] = []
+
+    def one(digest: str, barrier: threading.Barrier) -> None:
+        ds = Dataset(root=tmp_path / "vessels", labels={}, training=[], test=[], sha256=digest)
+        with mlflow.start_run(experiment_id=exp) as run:
+            barrier.wait()
+            log_dataset_input(ds, num_train=2, num_val=1)
+            results.append((run.info.run_id, digest))
+
+    for r in range(rounds):
+        barrier = threading.Barrier(runs)
+        digest = f"{r:02d}" + "ab" * 31
+        with ThreadPoolExecutor(runs) as pool:
+            for f in [pool.submit(one, digest, barrier) for _ in range(runs)]:
+                f.result()
+    assert len(results) == rounds * runs
+    client = MlflowClient(mlflow_server.url)
+    for run_id, digest in results:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [
+            ("vessels", digest[:DIGEST_CHARS])
+        ]

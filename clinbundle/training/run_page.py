@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 
 from clinbundle.apps.render import VIEW_AXIS, VIEWS, display_window, render_slice
 from clinbundle.runtime.contract import InferenceContract
@@ -28,6 +29,8 @@ log = logging.getLogger("clinbundle.tracking")
 OVERLAY_KEY = "val_overlay"
 #: MLflow keeps dataset digests in a 36-character column; the full hash is an input tag.
 DIGEST_CHARS = 16
+#: Tries at logging the dataset input when a concurrent run wins the insert (see below).
+DATASET_ATTEMPTS = 3
 
 
 def log_dataset_input(ds: Dataset, num_train: int, num_val: int) -> None:
@@ -44,7 +47,23 @@ def log_dataset_input(ds: Dataset, num_train: int, num_val: int) -> None:
         digest=ds.sha256[:DIGEST_CHARS],
     )
     tags = {"sha256": ds.sha256, "train_cases": str(num_train), "val_cases": str(num_val)}
-    mlflow.log_input(dataset, context="training", tags=tags)
+    for attempt in range(1, DATASET_ATTEMPTS + 1):
+        try:
+            mlflow.log_input(dataset, context="training", tags=tags)
+            return
+        except MlflowException as e:
+            if not _lost_insert_race(e) or attempt == DATASET_ATTEMPTS:
+                raise
+            log.info("dataset %s: another run inserted it first; logging again", dataset.name)
+
+
+def _lost_insert_race(e: MlflowException) -> bool:
+    """MLflow's stores look a dataset up by (experiment, name, digest) and insert it when
+    absent, in two statements: runs of one grid starting together on one server both find
+    nothing and the later insert breaks the unique key. Retrying finds the committed row.
+    The texts are SQLite's, PostgreSQL's and MySQL's for a broken unique key."""
+    text = str(e).lower()
+    return any(k in text for k in ("unique constraint", "duplicate key", "duplicate entry"))
 
 
 def model_summary(contract: InferenceContract) -> str:
