@@ -119,8 +119,8 @@ def resolve_compute(
 
 
 def resolve_compile(want: object) -> Decision:
-    """Off unless asked for: on 2 CPU cores `torch.compile` trains the default DynUNet 1.10x
-    faster (42% -> 49% of sgemm per epoch) and the quickstart net no faster
+    """Off unless asked for: on 2 CPU cores `torch.compile` of network and loss trains the
+    default DynUNet 1.19x faster per epoch (48% -> 50% of sgemm) and the quickstart net 1.14x
     (benchmarks/train_throughput*.json), after seconds to a minute of compiling."""
     if want == "auto":
         return Decision(False, True, "eager: compiling costs more than it saves on short runs")
