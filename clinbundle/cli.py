@@ -258,6 +258,7 @@ def _tolerances(args: argparse.Namespace):
     from clinbundle.packaging.parity import Tolerances
 
     base = Tolerances.for_precision("fp16" if getattr(args, "fp16", False) else "fp32")
+    # a bf16 bundle's gate is its fp32 graph; the bf16 candidate has its own (--bf16-max-abs)
     given = {
         "max_abs": args.max_abs,
         "max_flip_fraction": args.max_flips,
@@ -295,7 +296,7 @@ def cmd_package_onnx(args: argparse.Namespace) -> int:
     out, report = build_onnx_bundle(
         model,
         Path(args.out),
-        precision="fp16" if args.fp16 else "fp32",
+        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         device=args.device,
         tolerances=_tolerances(args),
         exporter=args.exporter,
@@ -804,7 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
     formats = pkg.add_subparsers(dest="format", required=True)
     po = formats.add_parser("onnx", help="ONNX bundle: model.onnx, manifest, model card, parity")
     po.add_argument("--out", required=True, help="bundle folder to create")
-    po.add_argument("--fp16", action="store_true", help="fp16 weights (gated on Dice >= 0.995)")
+    reduced = po.add_mutually_exclusive_group()
+    reduced.add_argument(
+        "--fp16", action="store_true", help="fp16 weights (gated on Dice >= 0.995)"
+    )
+    reduced.add_argument(
+        "--bf16",
+        action="store_true",
+        help="let OpenVINO bf16 (Dice >= 0.995; CPUs with bf16 units) be the default runtime "
+        "where it is the fastest",
+    )
     po.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
     model_args(po)
     po.set_defaults(func=cmd_package_onnx)

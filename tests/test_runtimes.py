@@ -196,8 +196,6 @@ def test_a_runtime_that_failed_parity_is_recorded_and_refused(tracking, tmp_path
         "all",
         "--bf16-max-abs",
         "1e-4",
-        "--validation-volumes",
-        "0",
         "--bench-shape",
         "32",
         "32",
@@ -215,6 +213,40 @@ def test_a_runtime_that_failed_parity_is_recorded_and_refused(tracking, tmp_path
     from clinbundle.cli import main
 
     assert main(["verify", str(out), "--device", "cpu"]) != 0  # the forced runtime is refused
+
+
+def test_a_bf16_bundle_defaults_to_the_fastest_runtime_bf16_included(tracking, tmp_path):
+    """`--bf16`: the same fp32 graph, its fp32 candidates held to fp32 tolerances, the bf16 one
+    to the Dice rule, and the fastest of them all the default; verify re-checks every one."""
+    from clinbundle.runtime.openvino_runner import openvino_bf16_capable
+
+    if not openvino_bf16_capable():
+        pytest.skip("this CPU has no bf16 units: a bf16 bundle is refused here (exit 2)")
+    out = tmp_path / "bundle"
+    # the version's parity report is then the same suite as `packaged`'s (test_packaging)
+    small = ["--bench-shape", "32", "32", "32"]
+    assert package_champion(tracking, "onnx", out, "--bf16", "--runtimes", "all", *small) == 0
+    manifest = manifest_of(out)
+    table = manifest["runtimes"]
+    cands = table["candidates"]
+    assert manifest["precision"] == "bf16" and cands["openvino-bf16"]["passed"]
+    assert cands["openvino-bf16"]["tolerances"] == vars(Tolerances.for_precision("bf16"))
+    for name in SHIPPED:
+        assert cands[name]["passed"] and cands[name]["tolerances"] == vars(Tolerances()), name
+    assert table["default"] == min(passers(table), key=lambda n: cands[n]["seconds"])
+    assert "a bf16 bundle: its default is the fastest" in (out / "README.md").read_text()
+    assert load_bundle(out, "cpu").runtime_name == table["default"]
+    assert load_bundle(out, "cpu", runtime="openvino-bf16").runtime_name == "openvino-bf16"
+    from clinbundle.cli import main
+
+    assert main(["verify", str(out), "--device", "cpu"]) == 0
+
+
+def test_a_bf16_bundle_without_its_candidates_is_refused_and_not_made(tracking, tmp_path):
+    """Nothing could be a bf16 bundle's default with the candidates off: exit 2, no folder."""
+    out = tmp_path / "bundle"
+    assert package_champion(tracking, "onnx", out, "--bf16", "--runtimes", "onnxruntime") == 2
+    assert not out.exists()
 
 
 def test_compiled_package_refuses_another_machine():

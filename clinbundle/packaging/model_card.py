@@ -129,6 +129,16 @@ app.yaml); a runtime that failed parity is refused.
 """
 
 
+def precision_text(precision: str) -> str:
+    """A bf16 bundle's graph is fp32: bf16 is what its default runtime may compute in."""
+    if precision == "bf16":
+        return (
+            "fp32; a bf16 bundle: its default is the fastest runtime, bf16 under the Dice rule "
+            "included (see Runtimes)"
+        )
+    return precision
+
+
 def render_model_card(
     model: ResolvedModel, report: ParityReport, manifest: dict, files: dict[str, str]
 ) -> str:
@@ -175,7 +185,7 @@ data from the site where it will be used before relying on it.
 | output | float32 softmax probabilities (N, {c.num_classes}, D, H, W) on the input's grid; labels = argmax over axis 1{", then the largest component of labels " + str(c.postprocessing.largest_component) if c.postprocessing.largest_component else ""} |
 | classes | {labels} |
 | sliding window | roi {list(c.roi_size)}, overlap {c.overlap}, {c.blend_mode} blending, batch {c.sw_batch_size} (MONAI `sliding_window_inference`) |
-| graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {manifest["precision"]} |
+| graph | `model.onnx` maps one batch of normalised patches to logits; dynamic batch and spatial axes (multiples of {c.spatial_divisor}); precision {precision_text(manifest["precision"])} |
 
 {ensemble_section(c)}The whole contract is `contract.json` (also in `model.onnx` metadata_props). Run it with
 clinbundle (`clinbundle.runtime.bundle_reader.load_bundle`), or with any ONNX Runtime by

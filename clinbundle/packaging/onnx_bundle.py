@@ -59,7 +59,7 @@ from clinbundle.runtime.bundle_reader import (
     load_bundle,
     read_manifest,
 )
-from clinbundle.runtime.errors import BundleError, ParityError
+from clinbundle.runtime.errors import BundleError, ConfigError, ParityError
 from clinbundle.runtime.hashing import tree_hashes
 from clinbundle.runtime.runners import CPU_EP, Runtime, onnx_runtime, onnx_session
 from clinbundle.runtime.runtime_choice import ORT, runtime_table
@@ -93,7 +93,7 @@ def parity_reference(
 def build_onnx_bundle(
     model: ResolvedModel,
     out: Path,
-    precision: Literal["fp32", "fp16"] = "fp32",
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32",
     device: str = "auto",
     tolerances: Tolerances | None = None,
     exporter: Exporter = "torchscript",
@@ -108,13 +108,19 @@ def build_onnx_bundle(
 
     `runtimes`: how the runtime candidates are measured (`runtime_candidates`); an fp32 bundle
     ships each that is available here, with the measured table and default in the manifest.
+    A bf16 bundle is the same fp32 graph and candidates (the fp32 ones held to fp32
+    tolerances) whose default may be the bf16 candidate, under the Dice rule, where it is the
+    fastest: refused up front where this CPU has no bf16 units or the candidates are off.
 
     `reference`: the packaging run's PyTorch outputs when other formats are checked too.
     `sign_key`: an EC private key PEM; the staged bundle is signed (model.sig) after its
     manifest is written, before it is renamed into place.
     """
-    tol = tolerances or Tolerances.for_precision(precision)
-    log.info("parity tolerances for %s: %s", precision, tol)
+    graph = "fp16" if precision == "fp16" else "fp32"
+    if precision == "bf16":
+        require_bf16(runtimes)
+    tol = tolerances or Tolerances.for_precision(graph)
+    log.info("parity tolerances for the %s graph: %s", graph, tol)
     network = model.load_network()
     reference = reference or parity_reference(model, validation_limit, network)
     cases = reference.cases
@@ -123,7 +129,7 @@ def build_onnx_bundle(
             network,
             model.contract,
             tmp / MODEL_FILE,
-            precision=precision,
+            precision=graph,
             exporter=exporter,
             metadata={
                 "model_uri": model.uri,
@@ -136,7 +142,7 @@ def build_onnx_bundle(
         session = onnx_session(onnx_path, device)
         candidate = onnx_runtime(session, model.contract)
         report = check_parity(reference, candidate, cases, model.contract, tol, "onnx")
-        settle_parity(report, model, tmp / "parity", record, "ONNX", "bundle", precision=precision)
+        settle_parity(report, model, tmp / "parity", record, "ONNX", "bundle", precision=graph)
         (tmp / CONTRACT_FILE).write_text(model.contract.to_json())
         # the ORT candidate is this file on this provider: its parity is the gate's
         known = {ORT: report} if session.get_providers() == [CPU_EP] else {}
@@ -203,7 +209,7 @@ def measure_runtimes(
 ) -> dict | None:
     """The manifest's `runtimes` table for the staged bundle in `tmp` (None: ORT only)."""
     options = options or RuntimeOptions()
-    if not options.enabled or precision != "fp32":
+    if not options.enabled or precision == "fp16":
         log.info(
             "runtime candidates skipped (%s): the bundle runs ONNX Runtime",
             f"asked (--runtimes / {PACKAGE_RUNTIMES_ENV})"
@@ -224,6 +230,24 @@ def measure_runtimes(
         tmp / "parity" / "runtimes",
         known,
     )
+
+
+def require_bf16(options: RuntimeOptions | None) -> None:
+    """A bf16 bundle needs the runtime candidates and a CPU with bf16 units (OpenVINO's)."""
+    if not (options or RuntimeOptions()).enabled:
+        raise ConfigError(
+            f"a bf16 bundle's default is a measured runtime candidate: leave "
+            f"{PACKAGE_RUNTIMES_ENV} / --runtimes at 'all'"
+        )
+    try:
+        from clinbundle.runtime.openvino_runner import openvino_bf16_capable
+    except ImportError as e:
+        raise ConfigError(f"a bf16 bundle runs on OpenVINO, which is not installed: {e}") from None
+    if not openvino_bf16_capable():
+        raise ConfigError(
+            "this CPU has no bf16 units (OpenVINO's OPTIMIZATION_CAPABILITIES): package the "
+            "bf16 bundle on the kind of machine that will serve it, or package fp32"
+        )
 
 
 def verify_bundle(path: Path, device: str = "auto", key: Path | None = None) -> ParityReport:
