@@ -7,7 +7,8 @@
 
 The default is the fastest passer at the bundle's own precision; a bf16 candidate is shipped
 (selectable with CLINBUNDLE_RUNTIME) when it passes its Dice rule, never made the default of an
-fp32 bundle; a bf16 bundle's default is the fastest of the fp32 and bf16 passers. A candidate that fails is recorded with its numbers and cannot be selected.
+fp32 bundle; a bf16 bundle's default is the fastest of the fp32 and bf16 passers. A candidate
+that fails is recorded with its numbers and cannot be selected.
 """
 
 from __future__ import annotations
