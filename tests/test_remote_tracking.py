@@ -162,7 +162,7 @@ def test_runs_starting_together_log_one_dataset_without_a_lost_race(
     """A grid's trials start together and log the same data set to one server: MLflow looks
     the dataset up and inserts it in two statements, so all but one insert broke the unique
     key (CI's Ray grid failed on it). Several rounds of runs released at one barrier, each
-    round a new data set: every run has its input, and the server holds one row per set."""
+    round a new data set: every run is logged and carries exactly its own input."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mlflow.set_tracking_uri(mlflow_server.url)
     exp = mlflow.set_experiment("race").experiment_id
