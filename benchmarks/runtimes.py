@@ -4,7 +4,8 @@ For the default DynUNet ([16, 32, 64, 128], roi 64^3) and the quickstart DynUNet
 ([8, 16, 32, 64], roi 48^3), random weights (speed does not depend on them), a 128^3 volume,
 the full sliding window of the one inference path: seconds, GFLOP/s, % of the same run's sgemm
 and peak RSS of each runtime (eager PyTorch, ONNX Runtime, OpenVINO f32 and bf16, AOTInductor),
-plus its max abs difference from eager. The machine may be shared: the JSON records the load
+plus its max abs difference from eager, and the share the sliding-window layer (normalisation,
+window gathering, Gaussian blending, softmax) adds to the predictor's own time. The machine may be shared: the JSON records the load
 average, and % of sgemm (sgemm measured between runs) is the figure that means something.
 The allocator setting the runtimes serve with (`clinbundle/runtime/allocator.py`) is applied
 as in any serving process and recorded; `CLINBUNDLE_MALLOC=default` measures glibc's default.
@@ -27,13 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clinbundle.packaging.measure import patch_flops, sgemm_gflops, timed_with_peak_rss, windows
+from clinbundle.packaging.measure import (
+    TimedPredictor,
+    patch_flops,
+    sgemm_gflops,
+    timed_with_peak_rss,
+    windows,
+)
 from clinbundle.packaging.onnx_export import export_onnx
-from clinbundle.packaging.runtime_candidates import export_aoti
+from clinbundle.packaging.runtime_candidates import CACHE_ENV, export_aoti
 from clinbundle.packaging.runtimes import torch_runtime
 from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.aoti_runner import aoti_runtime
 from clinbundle.runtime.contract import InferenceContract
+from clinbundle.runtime.inference import Predictor, segment
 from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 from clinbundle.runtime.openvino_runner import openvino_bf16_capable, openvino_runtime
 from clinbundle.runtime.runners import onnx_runtime, onnx_session
@@ -55,6 +63,7 @@ def contract_for(filters: list[int], roi: int) -> InferenceContract:
 
 def runtimes(net: torch.nn.Module, contract: InferenceContract, folder: Path, threads: int):
     onnx_path = export_onnx(net, contract, folder / "model.onnx")
+    os.environ[CACHE_ENV] = str(folder / "cache")  # compile, not a cached package: time it
     t0 = time.perf_counter()
     build = export_aoti(net, contract, folder / "model.pt2")
     compile_s = time.perf_counter() - t0
@@ -67,6 +76,17 @@ def runtimes(net: torch.nn.Module, contract: InferenceContract, folder: Path, th
     if openvino_bf16_capable():
         out["openvino-bf16"] = openvino_runtime(onnx_path, contract, "bf16", threads)
     return out, compile_s
+
+
+def window_layer_pct(
+    predictor: Predictor, volume: np.ndarray, contract: InferenceContract
+) -> float:
+    """What the one inference path adds to the predictor's own time, in % of the latter: one
+    volume through `segment` (as `Runtime.run` does) with every predictor call timed."""
+    timed = TimedPredictor(predictor)
+    t0 = time.perf_counter()
+    segment(timed, volume, contract)
+    return 100 * (time.perf_counter() - t0 - timed.seconds) / timed.seconds
 
 
 def bench_net(name: str, shape: tuple[int, ...], threads: int, rounds: int) -> dict:
@@ -83,11 +103,13 @@ def bench_net(name: str, shape: tuple[int, ...], threads: int, rounds: int) -> d
         for n, rt in rts.items():
             diffs[n] = float(np.abs(rt.run(volume, None) - ref).max())  # warm-up + parity
         best: dict[str, dict] = {}
+        layer: dict[str, list[float]] = {n: [] for n in rts}
         sgemm = [sgemm_gflops()]
         for _ in range(rounds):
             for n, rt in rts.items():
                 torch.set_num_threads(threads)
                 seconds, peak = timed_with_peak_rss(lambda rt=rt: rt.run(volume, None))
+                layer[n].append(window_layer_pct(rt.predictor, volume, contract))
                 sgemm.append(sgemm_gflops())
                 if n not in best or seconds < best[n]["seconds"]:
                     best[n] = {"seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20)}
@@ -96,6 +118,8 @@ def bench_net(name: str, shape: tuple[int, ...], threads: int, rounds: int) -> d
         g = gflop / b["seconds"]
         b |= {"gflops": round(g, 1), "sgemm_pct": round(100 * g / rate, 1)}
         b["max_abs_vs_eager"] = diffs[n]
+        b["window_layer_pct"] = round(statistics.median(layer[n]), 2)
+        b["window_layer_pct_samples"] = [round(x, 2) for x in layer[n]]
     return {
         "filters": filters,
         "roi": [roi] * 3,

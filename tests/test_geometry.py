@@ -147,3 +147,55 @@ def test_the_model_grid_survives_an_affine_read_back_from_a_nifti_header() -> No
     b = plan((37, 41, 35), stored.affine, (1.0, 1.0, 1.0), "RAS").model
     assert a.shape == b.shape == (33, 37, 46)
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+
+
+def _oblique(spacing: tuple[float, float, float]) -> np.ndarray:
+    """An LPS-ish affine rotated 20 degrees about z, origin off zero, voxel size `spacing`."""
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    a = np.eye(4)
+    a[:3, :3] = np.array([[-c, s, 0], [-s, -c, 0], [0, 0, 1]]) @ np.diag(spacing)
+    a[:3, 3] = [120.0, -87.5, 33.0]
+    return a
+
+
+@pytest.mark.parametrize(
+    "shape, spacing",
+    [
+        ((40, 37, 23), (0.7, 0.7, 1.5)),  # a CT's spacing, up and down at once
+        ((30, 31, 17), (0.3, 0.25, 5.0)),  # > 2x down in plane, 5x up across slices
+        ((17, 19, 21), (1.3, 1.3, 1.3)),
+    ],
+)
+def test_resampling_to_the_model_grid_and_back_is_monais_spatial_resample(shape, spacing):
+    """The fast path (trilinear upsampling at the exact spacing ratio) against MONAI's
+    SpatialResample (a sampling grid and grid_sample, border padding) on the same grids, both
+    ways, on an oblique input: equal to float32 rounding of grid_sample's coordinates."""
+    from clinbundle.runtime.geometry import _spatial_resample, corner_aligned_scales, resample
+
+    p = plan(shape, _oblique(spacing), (1.0, 1.0, 1.0), "RAS")
+    assert p.resamples
+    image = reorient(np.random.default_rng(0).normal(0, 1, (1, *shape)).astype(np.float32), p.ornt)
+    assert corner_aligned_scales(p.oriented, p.model) is not None
+    there = resample(image, p.oriented, p.model)
+    assert there.shape == (1, *p.model.shape) and there.dtype == np.float32
+    np.testing.assert_allclose(
+        there, _spatial_resample(image, p.oriented, p.model, "bilinear"), atol=5e-5
+    )
+    back = resample(there, p.model, p.oriented)
+    np.testing.assert_allclose(
+        back, _spatial_resample(there, p.model, p.oriented, "bilinear"), atol=5e-5
+    )
+
+
+def test_grids_that_are_not_one_field_of_view_resample_through_monai() -> None:
+    """A shifted or rotated destination is no pure re-gridding: no scales, MONAI's path."""
+    from clinbundle.runtime.geometry import Grid, corner_aligned_scales
+
+    src = Grid((10, 10, 10), _oblique((1.0, 1.0, 2.0)))
+    assert corner_aligned_scales(src, src) == (1.0, 1.0, 1.0)
+    shifted = src.affine.copy()
+    shifted[:3, 3] += 0.3
+    assert corner_aligned_scales(src, Grid((10, 10, 10), shifted)) is None
+    rotated = np.diag([1.0, 1.0, 2.0, 1.0])
+    rotated[:3, 3] = src.affine[:3, 3]
+    assert corner_aligned_scales(src, Grid((10, 10, 10), rotated)) is None

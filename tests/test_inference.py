@@ -8,7 +8,12 @@ import torch
 
 from clinbundle.runtime.contract import InferenceContract, Normalization
 from clinbundle.runtime.errors import InputError
-from clinbundle.runtime.inference import normalize, sliding_window_probabilities, torch_predictor
+from clinbundle.runtime.inference import (
+    normalize,
+    sliding_window_probabilities,
+    softmax_in_place,
+    torch_predictor,
+)
 from clinbundle.runtime.networks import build_network, network_spec, spatial_divisor
 
 
@@ -62,6 +67,21 @@ def test_bad_input_is_rejected_with_a_reason(model_and_contract, volume, needle)
         sliding_window_probabilities(torch_predictor(net), volume, contract)
 
 
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_softmax_in_place_is_torch_softmax_over_the_logits_own_memory(classes: int) -> None:
+    """Also on a strided view (MONAI crops its padded output to the input) and where a
+    log-probability ensemble gives -inf for a class."""
+    torch.manual_seed(classes)
+    padded = 20 * torch.randn(2, classes, 12, 13, 14)
+    logits = padded[:, :, 1:9, 2:11, 3:12]
+    logits[0, 0, 0, 0, :3] = float("-inf")
+    expected = torch.softmax(logits, dim=1)
+    out = softmax_in_place(logits)
+    assert out.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=3e-7)
+    assert torch.equal(out[0, 0, 0, 0, :3], torch.zeros(3))
+
+
 def test_normalization() -> None:
     x = torch.tensor(np.random.default_rng(0).normal(50, 10, (1, 1, 8, 8, 8)), dtype=torch.float32)
     z = normalize(x, Normalization())
@@ -70,6 +90,10 @@ def test_normalization() -> None:
     assert float(w.min()) >= 0 and float(w.max()) <= 1
     flat = normalize(torch.ones(1, 1, 4, 4, 4), Normalization())
     assert torch.isfinite(flat).all()
+    before = x.clone()
+    ct = normalize(x, Normalization(kind="ct", a_min=30, a_max=70, mean=50, std=10))
+    torch.testing.assert_close(ct, (x.clamp(30, 70) - 50) / 10)
+    assert torch.equal(x, before)  # the caller's volume is never written, whatever the kind
 
 
 def test_contract_rejects_roi_off_divisor() -> None:

@@ -1,5 +1,6 @@
 """Measuring a runtime against the machine: sgemm GFLOP/s in the same process, the network's
-FLOPs per volume, and the peak resident memory while one run lasts.
+FLOPs per volume, the peak resident memory while one run lasts, and the time spent inside a
+predictor (so the sliding-window layer around it can be told apart).
 
 A time alone says little on a shared machine; the same run's sgemm rate is the yardstick (a
 runtime at 100% does the network's arithmetic as fast as one large matrix product would).
@@ -18,6 +19,23 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinbundle.runtime.contract import InferenceContract
+
+
+class TimedPredictor:
+    """A predictor that adds up the seconds spent inside it: what the one inference path adds
+    around the network is then a call's own time minus `seconds`."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.predictor = predictor
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.predictor(patches)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 8) -> float:

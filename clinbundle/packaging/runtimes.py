@@ -12,7 +12,7 @@ from clinbundle.runtime.allocator import tune_allocator
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import DeviceError
 from clinbundle.runtime.inference import torch_predictor
-from clinbundle.runtime.runners import Runtime, volume_runner
+from clinbundle.runtime.runners import Runtime, local_runtime
 
 
 def torch_runtime(network: torch.nn.Module, contract: InferenceContract, device: str = "cpu"):
@@ -21,8 +21,10 @@ def torch_runtime(network: torch.nn.Module, contract: InferenceContract, device:
         raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA device")
     network = network.to(device).eval()
     tune_allocator()
-    return Runtime(
-        volume_runner(torch_predictor(network), contract, device),
+    return local_runtime(
+        torch_predictor(network),
+        contract,
+        device,
         f"pytorch {torch.__version__} eager fp32 on {device}",
     )
 

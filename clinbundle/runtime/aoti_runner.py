@@ -26,7 +26,7 @@ import torch
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import BundleError, DeviceError
 from clinbundle.runtime.inference import Predictor
-from clinbundle.runtime.runners import Runtime, volume_runner
+from clinbundle.runtime.runners import Runtime, local_runtime
 
 log = logging.getLogger("clinbundle.runtime")
 
@@ -121,7 +121,9 @@ def aoti_runtime(
     log.info(
         "AOTInductor package %s (%s), %d threads: loads on first use", path.name, recorded, threads
     )
-    return Runtime(
-        volume_runner(aoti_predictor(path), contract, "cpu"),
+    return local_runtime(
+        aoti_predictor(path),
+        contract,
+        "cpu",
         f"pytorch {torch.__version__} AOTInductor ({recorded['cpu_capability']}), {threads} threads",
     )

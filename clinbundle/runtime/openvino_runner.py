@@ -20,7 +20,7 @@ import torch
 from clinbundle.runtime.contract import InferenceContract
 from clinbundle.runtime.errors import DeviceError
 from clinbundle.runtime.inference import Predictor
-from clinbundle.runtime.runners import Runtime, volume_runner
+from clinbundle.runtime.runners import Runtime, local_runtime
 
 log = logging.getLogger("clinbundle.runtime")
 
@@ -76,7 +76,9 @@ def openvino_runtime(
     device: str = "cpu",
 ) -> Runtime:
     compiled = openvino_compiled(path, contract, precision, threads, device)
-    return Runtime(
-        volume_runner(openvino_predictor(compiled), contract, "cpu"),
+    return local_runtime(
+        openvino_predictor(compiled),
+        contract,
+        "cpu",
         f"openvino {ov.get_version().split('-')[0]} CPU {precision}, {threads} threads",
     )

@@ -35,6 +35,16 @@ class Runtime:
 
     run: VolumeRunner
     description: str
+    #: The patch predictor behind `run` where one runs in this process (None over HTTP or for
+    #: stored outputs), so a benchmark can time the sliding-window layer apart from the network.
+    predictor: Predictor | None = None
+
+
+def local_runtime(
+    predictor: Predictor, contract: InferenceContract, device: str | torch.device, description: str
+) -> Runtime:
+    """A predictor of this process behind the one inference path."""
+    return Runtime(volume_runner(predictor, contract, device), description, predictor)
 
 
 def volume_runner(
@@ -102,7 +112,6 @@ def onnx_predictor(session: ort.InferenceSession) -> Predictor:
 
 def onnx_runtime(session: ort.InferenceSession, contract: InferenceContract) -> Runtime:
     provider = session.get_providers()[0]
-    return Runtime(
-        volume_runner(onnx_predictor(session), contract, "cpu"),
-        f"onnxruntime {ort.__version__} {provider}",
+    return local_runtime(
+        onnx_predictor(session), contract, "cpu", f"onnxruntime {ort.__version__} {provider}"
     )
