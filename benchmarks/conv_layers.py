@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from runtimes import NETS
+from torch.utils.flop_counter import FlopCounterMode
 
 from clinbundle.packaging.measure import sgemm_gflops
 from clinbundle.runtime.allocator import tune_allocator
@@ -31,16 +32,23 @@ from clinbundle.runtime.networks import build_network, network_spec
 CONVS = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
 
 
-def conv_flops(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Multiply-adds x 2 of one convolution call (bias-free, as DynUNet's are)."""
-    k = m.weight.shape[2:].numel()
-    if isinstance(m, torch.nn.ConvTranspose3d):
-        return 2 * x.shape[0] * x.shape[2:].numel() * x.shape[1] * m.weight.shape[1] * k
-    return 2 * y.shape[0] * y.shape[2:].numel() * y.shape[1] * x.shape[1] * k // m.groups
+def conv_flops(net: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """FLOPs of each convolution module of one call, by PyTorch's FlopCounterMode (as
+    `clinbundle.packaging.measure.patch_flops` counts the whole network)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(x)
+    counts = counter.get_flop_counts()
+    root = type(net).__name__
+    return {
+        name: int(sum(counts.get(f"{root}.{name}", {}).values()))
+        for name, m in net.named_modules()
+        if isinstance(m, CONVS)
+    }
 
 
 def profile(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[dict, float]:
     """Per-conv (seconds, flops, shape) summed over `repeats` calls, and the median call."""
+    flops = conv_flops(net, x)
     rows: dict[str, list] = {}
 
     def pre(m, _inputs):
@@ -49,7 +57,7 @@ def profile(net: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[dict, 
     def post(m, inputs, y):
         row = rows.setdefault(m.label, [0.0, 0, f"{tuple(inputs[0].shape)} -> {tuple(y.shape)}"])
         row[0] += time.perf_counter() - m.started
-        row[1] += conv_flops(m, inputs[0], y)
+        row[1] += flops[m.label]
 
     for name, m in net.named_modules():
         if isinstance(m, CONVS):

@@ -57,6 +57,7 @@ def _instrument_sliding_window(spent: dict[str, float]) -> None:
 
 
 def _child(bundle_dir: str, shape, spacing, threads: int, q) -> None:
+    from clinbundle.packaging.measure import windows
     from clinbundle.runtime.bundle_reader import load_bundle
     from clinbundle.runtime.geometry import plan
 
@@ -72,11 +73,6 @@ def _child(bundle_dir: str, shape, spacing, threads: int, q) -> None:
     labels = bundle.predict(volume.astype(np.float32)[None, None], affine, "labels")
     seconds = time.perf_counter() - t0
     layer = spent["sliding_window"] - spent["predictor"]
-    # windows MONAI's sliding window evaluates on the model grid (its scan interval rule)
-    steps = [
-        1 if g <= r else int(np.ceil((g - r) / max(1, int(r * (1 - c.overlap))))) + 1
-        for g, r in zip(grid.shape, c.roi_size, strict=True)
-    ]
     q.put(
         {
             "seconds": seconds,
@@ -88,7 +84,7 @@ def _child(bundle_dir: str, shape, spacing, threads: int, q) -> None:
             "sliding_window_layer_pct_of_predictor": round(100 * layer / spent["predictor"], 2),
             "peak_rss_mib": round(_vm_hwm_mib(), 1),
             "model_grid": list(grid.shape),
-            "windows": int(np.prod(steps)),
+            "windows": windows(grid.shape, c),
             "labels_shape": list(labels.shape[1:]),
             "foreground_voxels": int((labels > 0).sum()),
             # what ran: the bundle's measured default (CLINBUNDLE_RUNTIME overrides) and batch
@@ -107,17 +103,13 @@ def _child(bundle_dir: str, shape, spacing, threads: int, q) -> None:
 
 
 def flops_per_window(bundle_dir: Path) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from clinbundle.packaging.measure import patch_flops
     from clinbundle.runtime.bundle_reader import read_manifest
     from clinbundle.runtime.contract import InferenceContract
     from clinbundle.runtime.networks import build_network
 
     contract = InferenceContract.model_validate(read_manifest(bundle_dir)["contract"])
-    net = build_network(contract.network).eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        net(torch.zeros(1, 1, *contract.roi_size))
-    return float(fc.get_total_flops())
+    return float(patch_flops(build_network(contract.network), contract))
 
 
 def main() -> None:
